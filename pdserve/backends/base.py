@@ -1,0 +1,92 @@
+"""The `ops` interface the model is written against; one implementation per compute backend."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from pdserve.model.forward_batch import ForwardBatch
+
+Array = Any  # a backend array: numpy.ndarray or cupy.ndarray
+
+
+class Ops(ABC):
+    """Every numeric operation of the ERNIE-4.5 MoE forward pass.
+
+    Shapes use T tokens, H hidden, V vocab, E experts, K experts per token, D head_dim.
+    Activations are float32 on the NumPy backend; a GPU backend may store bf16 but accumulates
+    in float32. Router math is always float32.
+    """
+
+    name: str
+
+    # -- memory -----------------------------------------------------------------------------
+    @abstractmethod
+    def weight(self, host: np.ndarray, fp32: bool = False) -> Array:
+        """A float32 host tensor on the device, in the backend's weight dtype (fp32 if asked)."""
+
+    @abstractmethod
+    def to_device(self, host: np.ndarray) -> Array:
+        """Move a host array (ids, positions, tables) to the device unchanged."""
+
+    @abstractmethod
+    def to_host(self, x: Array) -> np.ndarray:
+        """Copy a device array to a host float32/int NumPy array."""
+
+    @abstractmethod
+    def alloc_kv_cache(self, shape: tuple[int, ...]) -> Array:
+        """One zeroed allocation [layers, 2, blocks, block_size, kv_heads, D] for the KV pool."""
+
+    # -- layers -----------------------------------------------------------------------------
+    @abstractmethod
+    def embedding(self, table: Array, ids: Array) -> Array:
+        """[V, H], [T] -> [T, H]"""
+
+    @abstractmethod
+    def rms_norm(self, x: Array, weight: Array, eps: float) -> Array:
+        """[T, H] -> [T, H], statistics in float32."""
+
+    @abstractmethod
+    def add_rms_norm(
+        self, x: Array, residual: Array, weight: Array, eps: float
+    ) -> tuple[Array, Array]:
+        """residual' = x + residual; returns (rms_norm(residual'), residual')."""
+
+    @abstractmethod
+    def linear(self, x: Array, weight: Array) -> Array:
+        """[T, in] x [out, in] -> [T, out]"""
+
+    @abstractmethod
+    def rope(self, x: Array, positions: Array, theta: float) -> Array:
+        """Interleaved rotary embedding (pairs 2i, 2i+1) in float32: [T, heads, D] -> same."""
+
+    @abstractmethod
+    def write_kv(self, kv_layer: Array, k: Array, v: Array, slot_mapping: Array) -> None:
+        """Store k, v [T, kv_heads, D] into kv_layer [2, blocks, block_size, kv_heads, D]."""
+
+    @abstractmethod
+    def paged_attention(
+        self, q: Array, kv_layer: Array, batch: ForwardBatch, scale: float
+    ) -> Array:
+        """Causal GQA attention of q [T, heads, D] over each sequence's paged KV: [T, heads, D]."""
+
+    @abstractmethod
+    def silu_mul(self, gate_up: Array) -> Array:
+        """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]"""
+
+    @abstractmethod
+    def moe_route(
+        self, x: Array, router: Array, correction_bias: Array, top_k: int, norm_min: float
+    ) -> tuple[Array, Array]:
+        """Float32 softmax router; experts chosen by top-k of p + bias, weighted by p renormalized.
+
+        Returns (weights [T, K] float32, expert ids [T, K] int).
+        """
+
+    @abstractmethod
+    def moe_experts(
+        self, x: Array, weights: Array, ids: Array, gate_up: Array, down: Array
+    ) -> Array:
+        """Sum over each token's K experts of weight * down(silu_mul(gate_up(x))): [T, H]."""

@@ -1,0 +1,96 @@
+"""Turns a list of sequence chunks into device buffers, runs the model, returns host logits.
+
+The only engine module that builds arrays: schedulers hand it plain `SeqChunk`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pdserve.backends.base import Ops
+from pdserve.model.ernie45_moe import ErnieMoeForCausalLM
+from pdserve.model.forward_batch import ForwardBatch
+
+
+@dataclass
+class SeqChunk:
+    """The part of one sequence to compute in this step."""
+
+    token_ids: Sequence[int]  # every known token of the sequence (prompt, then outputs)
+    num_computed: int  # tokens whose KV is already in the cache
+    num_new: int  # tokens to compute now, starting at num_computed
+    block_table: Sequence[int]  # KV block ids covering at least num_computed + num_new tokens
+    all_logits: bool = False  # logits for every new token, not only the last
+
+    @property
+    def context_len(self) -> int:
+        return self.num_computed + self.num_new
+
+
+class ModelRunner:
+    """Owns the model and its KV pool [layers, 2, blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(
+        self, model: ErnieMoeForCausalLM, ops: Ops, num_blocks: int, block_size: int
+    ) -> None:
+        self.model = model
+        self.ops = ops
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_cache = ops.alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size))
+
+    def build_batch(self, chunks: Sequence[SeqChunk]) -> ForwardBatch:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        starts = [0]
+        lens: list[int] = []
+        logits_rows: list[int] = []
+        width = max(-(-c.context_len // bs) for c in chunks)
+        tables = np.zeros((len(chunks), width), dtype=np.int32)
+        for s, c in enumerate(chunks):
+            if c.num_new < 1 or c.context_len > len(c.token_ids):
+                raise ValueError(
+                    f"chunk {s}: {c.num_new} new tokens past {c.num_computed} "
+                    f"do not fit its {len(c.token_ids)} tokens"
+                )
+            need = -(-c.context_len // bs)
+            if len(c.block_table) < need:
+                raise ValueError(
+                    f"chunk {s}: {c.context_len} tokens need {need} blocks, "
+                    f"block table has {len(c.block_table)}"
+                )
+            table = np.asarray(c.block_table[:need], dtype=np.int32)
+            tables[s, :need] = table
+            pos = np.arange(c.num_computed, c.context_len, dtype=np.int64)
+            ids.extend(c.token_ids[c.num_computed : c.context_len])
+            positions.append(pos)
+            slots.append(table[pos // bs].astype(np.int64) * bs + pos % bs)
+            first = starts[-1]
+            starts.append(first + c.num_new)
+            lens.append(c.context_len)
+            rows = range(first, starts[-1]) if c.all_logits else [starts[-1] - 1]
+            logits_rows.extend(rows)
+        to = self.ops.to_device
+        return ForwardBatch(
+            input_ids=to(np.asarray(ids, dtype=np.int64)),
+            positions=to(np.concatenate(positions)),
+            slot_mapping=to(np.concatenate(slots)),
+            query_start_loc=to(np.asarray(starts, dtype=np.int32)),
+            seq_lens=to(np.asarray(lens, dtype=np.int32)),
+            block_tables=to(tables),
+            logits_indices=to(np.asarray(logits_rows, dtype=np.int64)),
+            block_size=bs,
+            query_start_loc_host=starts,
+            seq_lens_host=lens,
+        )
+
+    def execute(self, chunks: Sequence[SeqChunk]) -> np.ndarray:
+        """Run one forward pass; logits [L, V] float32 on the host, in chunk order."""
+        batch = self.build_batch(chunks)
+        logits = self.model.forward(batch, self.kv_cache)
+        return self.ops.to_host(logits).astype(np.float32, copy=False)

@@ -1,0 +1,140 @@
+"""ERNIE-4.5 MoE (`Ernie4_5_MoeForCausalLM`), written once against the `ops` interface.
+
+Class names mirror the checkpoint's modules. Layers are plain objects holding backend arrays;
+a forward pass reads everything it needs from its `ForwardBatch` and the KV pool it is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdserve.backends.base import Array, Ops
+from pdserve.config import ModelConfig
+from pdserve.model.forward_batch import ForwardBatch
+from pdserve.model.weights import (
+    LayerWeights,
+    MLPWeights,
+    ModelWeights,
+    MoEWeights,
+    load_weights,
+)
+
+
+class ErnieMoeAttention:
+    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights) -> None:
+        self.ops = ops
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.theta = config.rope_theta
+        self.scale = config.head_dim**-0.5
+        self.qkv = ops.weight(w.qkv)
+        self.o = ops.weight(w.o)
+
+    def __call__(self, x: Array, kv_layer: Array, batch: ForwardBatch) -> Array:
+        ops, t = self.ops, x.shape[0]
+        qkv = ops.linear(x, self.qkv)  # [T, q + 2kv]
+        q = qkv[:, : self.q_size].reshape(t, self.heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].reshape(t, self.kv_heads, -1)
+        v = qkv[:, self.q_size + self.kv_size :].reshape(t, self.kv_heads, self.head_dim)
+        q = ops.rope(q, batch.positions, self.theta)
+        k = ops.rope(k, batch.positions, self.theta)
+        ops.write_kv(kv_layer, k, v, batch.slot_mapping)
+        out = ops.paged_attention(q, kv_layer, batch, self.scale)  # [T, heads, D]
+        return ops.linear(out.reshape(t, self.q_size), self.o)
+
+
+class ErnieMoeMLP:
+    """SwiGLU MLP: the dense layers and the fused shared experts."""
+
+    def __init__(self, ops: Ops, w: MLPWeights) -> None:
+        self.ops = ops
+        self.gate_up = ops.weight(w.gate_up)
+        self.down = ops.weight(w.down)
+
+    def __call__(self, x: Array) -> Array:
+        return self.ops.linear(self.ops.silu_mul(self.ops.linear(x, self.gate_up)), self.down)
+
+
+class ErnieMoeSparseBlock:
+    """Routed experts (top-k of a float32 softmax plus correction bias) and shared experts."""
+
+    def __init__(self, ops: Ops, config: ModelConfig, w: MoEWeights) -> None:
+        self.ops = ops
+        self.top_k = config.moe_k
+        self.norm_min = config.moe_norm_min
+        self.router = ops.weight(w.router, fp32=True)
+        self.correction_bias = ops.weight(w.correction_bias, fp32=True)
+        self.gate_up = ops.weight(w.gate_up)
+        self.down = ops.weight(w.down)
+        self.shared = ErnieMoeMLP(ops, w.shared) if w.shared is not None else None
+
+    def __call__(self, x: Array) -> Array:
+        weights, ids = self.ops.moe_route(
+            x, self.router, self.correction_bias, self.top_k, self.norm_min
+        )
+        out = self.ops.moe_experts(x, weights, ids, self.gate_up, self.down)
+        if self.shared is not None:
+            out = out + self.shared(x)  # unweighted
+        return out
+
+
+class ErnieMoeDecoderLayer:
+    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights) -> None:
+        self.ops = ops
+        self.eps = config.rms_norm_eps
+        self.input_norm = ops.weight(w.input_norm)
+        self.post_attention_norm = ops.weight(w.post_attention_norm)
+        self.self_attn = ErnieMoeAttention(ops, config, w)
+        self.mlp: ErnieMoeMLP | ErnieMoeSparseBlock
+        if isinstance(w.mlp, MoEWeights):
+            self.mlp = ErnieMoeSparseBlock(ops, config, w.mlp)
+        else:
+            self.mlp = ErnieMoeMLP(ops, w.mlp)
+
+    def __call__(
+        self, x: Array, residual: Array | None, kv_layer: Array, batch: ForwardBatch
+    ) -> tuple[Array, Array]:
+        """Returns (this layer's output, the residual stream before adding it)."""
+        if residual is None:
+            residual, h = x, self.ops.rms_norm(x, self.input_norm, self.eps)
+        else:
+            h, residual = self.ops.add_rms_norm(x, residual, self.input_norm, self.eps)
+        h = self.self_attn(h, kv_layer, batch)
+        h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_norm, self.eps)
+        return self.mlp(h), residual
+
+
+class ErnieMoeForCausalLM:
+    """The whole model. `forward` writes the batch's KV into `kv_cache` and returns logits."""
+
+    def __init__(self, ops: Ops, config: ModelConfig, weights: ModelWeights) -> None:
+        self.ops = ops
+        self.config = config
+        self.embed = ops.weight(weights.embed)
+        self.layers = [ErnieMoeDecoderLayer(ops, config, w) for w in weights.layers]
+        self.norm = ops.weight(weights.norm)
+        tied = weights.lm_head is weights.embed
+        self.lm_head = self.embed if tied else ops.weight(weights.lm_head)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """[layers, 2, blocks, block_size, kv_heads, head_dim] of one KV pool."""
+        c = self.config
+        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+
+    def forward(self, batch: ForwardBatch, kv_cache: Array) -> Array:
+        """Logits [L, V] float32 for the rows batch.logits_indices of the T input tokens."""
+        x = self.ops.embedding(self.embed, batch.input_ids)  # [T, H]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, kv_cache[i], batch)
+        x, _ = self.ops.add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps)
+        x = x[batch.logits_indices]  # [L, H]
+        return self.ops.linear(x, self.lm_head)  # [L, V]
+
+
+def load_model(model_dir: str | Path, ops: Ops, progress: bool = True) -> ErnieMoeForCausalLM:
+    """Read config.json and the safetensors checkpoint of `model_dir` onto the backend `ops`."""
+    config = ModelConfig.from_hf(model_dir)
+    return ErnieMoeForCausalLM(ops, config, load_weights(model_dir, config, progress))
