@@ -20,8 +20,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def expected_greedy(prompt: str, n: int) -> str:
     llm = LLM("tiny", backend="numpy", progress=False)
     ids = llm.tokenizer.encode(prompt, add_special_tokens=True)
-    toks = [s[0].token_id for s in llm.generate([ids], [SamplingParams(max_tokens=n,
-                                                                       temperature=0)])]
+    toks = [
+        s[0].token_id for s in llm.generate([ids], [SamplingParams(max_tokens=n, temperature=0)])
+    ]
     return llm.tokenizer.decode(toks)
 
 
