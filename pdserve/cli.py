@@ -86,8 +86,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pdserve.detokenizer import IncrementalDetokenizer
     from pdserve.engine.llm import LLM
 
-    if args.block_size < 1:
-        raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
     params = _sampling_params(args)
     llm = LLM(
         args.model, args.backend, args.block_size, args.max_model_len, progress=sys.stderr.isatty()
@@ -103,10 +101,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = 0
     reason = None
     for step in llm.generate([prompt_ids], [params]):
+        if not step:
+            continue  # a prefill chunk that sampled nothing yet
         first = first or time.perf_counter()
         n += 1
-        reason = step[0].finish_reason
-        sys.stdout.write(detok.step([step[0].token_id]))
+        reason = step[0][1].finish_reason
+        sys.stdout.write(detok.step([step[0][1].token_id]))
         sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")
     end = time.perf_counter()

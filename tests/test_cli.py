@@ -20,9 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def expected_greedy(prompt: str, n: int) -> str:
     llm = LLM("tiny", backend="numpy", progress=False)
     ids = llm.tokenizer.encode(prompt, add_special_tokens=True)
-    toks = [
-        s[0].token_id for s in llm.generate([ids], [SamplingParams(max_tokens=n, temperature=0)])
-    ]
+    toks = llm.generate_all([ids], [SamplingParams(max_tokens=n, temperature=0)])[0]
     return llm.tokenizer.decode(toks)
 
 
@@ -50,6 +48,6 @@ def test_bad_flags_name_the_flag():
     proc = run("generate", "--prompt", "x", "--model", "/no/such/dir")
     assert proc.returncode == 2 and "--model '/no/such/dir': not a directory" in proc.stderr
     proc = run("generate", "--prompt", "x", "--max-tokens", "5000", "--max-model-len", "100")
-    assert proc.returncode == 2 and "exceed max_model_len 100" in proc.stderr
+    assert proc.returncode == 2 and "exceeds max_model_len (100)" in proc.stderr
     proc = run("generate", "--prompt", "x", "--backend", "cupy")
     assert proc.returncode == 2 and "--backend cupy" in proc.stderr

@@ -1,0 +1,130 @@
+"""One token budget a step: running requests first (decodes and prefill chunks alike), then
+new ones, preempting the newest running request by recompute when blocks run out."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # running requests at most
+    max_num_batched_tokens: int = 8192  # tokens computed per step at most
+    max_model_len: int = 8192  # prompt + output tokens at most
+    enable_chunked_prefill: bool = True
+    kv_cache_ratio: float = 0.75  # share of blocks new prefills may fill; the rest is for decodes
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("--max-num-batched-tokens must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "without chunked prefill, --max-num-batched-tokens "
+                f"({self.max_num_batched_tokens}) must be >= --max-model-len ({self.max_model_len})"
+            )
+        if not 0.0 < self.kv_cache_ratio <= 1.0:
+            raise ValueError(f"--kv-cache-ratio must be in (0, 1], got {self.kv_cache_ratio}")
+
+
+@dataclass
+class StepPlan:
+    """What one step computes: `num_new_tokens[i]` tokens of `requests[i]`, past its computed
+    ones. Plain data: the model runner turns it into arrays."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, req: Request) -> None:
+        if req.num_tokens + req.params.max_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"prompt ({req.num_tokens} tokens) plus max_tokens ({req.params.max_tokens}) "
+                f"exceeds max_model_len ({self.config.max_model_len})"
+            )
+        if self.blocks.blocks_needed(req.num_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(f"prompt ({req.num_tokens} tokens) cannot fit in the KV pool")
+        self.waiting.append(req)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.blocks.grow(req, n):
+                victim = self.running[-1]  # the newest
+                self._preempt(victim, plan)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue
+            plan.requests.append(req)
+            plan.num_new_tokens.append(n)
+            budget -= n
+        if not plan.preempted:
+            self._admit_waiting(plan, budget)
+        return plan
+
+    def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
+        reserve = int(self.blocks.num_blocks * (1.0 - self.config.kv_cache_ratio))
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            prefix = self.blocks.match_prefix(req)
+            n = req.num_tokens - len(prefix) * self.blocks.block_size
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            # nothing running means nothing can free blocks later: then the reserve is lent out
+            if not self.blocks.admit(req, prefix, n, reserve if self.running else 0):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            plan.requests.append(req)
+            plan.num_new_tokens.append(n)
+            budget -= n
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.running.remove(req)
+        self.blocks.release(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        plan.preempted.append(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request (stopped, length or aborted) wherever it is and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.release(req)
+        req.status = status
