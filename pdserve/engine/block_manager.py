@@ -87,8 +87,10 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
         req.block_ids = list(prefix) + [self._take_free() for _ in range(need)]
-        req.num_computed_tokens = req.num_cached_tokens = num_cached
+        req.num_registered_blocks = len(prefix)
+        req.num_computed_tokens = num_cached
         if req.status != req.status.PREEMPTED:  # a recompute is not a cache query
+            req.num_cached_tokens = num_cached
             self.prefix_queries += req.num_prompt_tokens
             self.prefix_hits += num_cached
         return True
@@ -107,11 +109,12 @@ class BlockManager:
             return
         self._update_hashes(req)
         full = min(req.num_computed_tokens // self.block_size, len(req.block_hashes))
-        for i in range(full):
+        for i in range(req.num_registered_blocks, full):
             block, h = req.block_ids[i], req.block_hashes[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.block_hash[block] = h
                 self.cached[h] = block
+        req.num_registered_blocks = max(req.num_registered_blocks, full)
 
     def release(self, req: Request) -> None:
         """Drop the request's references; its blocks stay cached until reused."""
@@ -122,6 +125,7 @@ class BlockManager:
                 if self.block_hash[b] is None:
                     self.free.move_to_end(b, last=False)  # reuse plain blocks first
         req.block_ids = []
+        req.num_registered_blocks = 0
 
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)

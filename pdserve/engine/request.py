@@ -60,6 +60,7 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on admission
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.sampling = SamplingState.create(params, prompt_token_ids, eos_token_ids)
 
     @property

@@ -66,8 +66,13 @@ class Scheduler:
                 f"prompt ({req.num_tokens} tokens) plus max_tokens ({req.params.max_tokens}) "
                 f"exceeds max_model_len ({self.config.max_model_len})"
             )
-        if self.blocks.blocks_needed(req.num_tokens + 1) > self.blocks.num_blocks:
-            raise ValueError(f"prompt ({req.num_tokens} tokens) cannot fit in the KV pool")
+        # the last sampled token's KV is never computed
+        need = self.blocks.blocks_needed(req.num_tokens + req.params.max_tokens - 1)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt ({req.num_tokens} tokens) plus max_tokens ({req.params.max_tokens}) "
+                f"needs {need} KV blocks but the pool has {self.blocks.num_blocks}"
+            )
         self.waiting.append(req)
 
     def schedule(self) -> StepPlan:
@@ -94,7 +99,8 @@ class Scheduler:
         return plan
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
-        reserve = int(self.blocks.num_blocks * (1.0 - self.config.kv_cache_ratio))
+        # rounded first so that 10 blocks at 0.8 reserve 2, not int(1.9999999999999996)
+        reserve = int(round(self.blocks.num_blocks * (1.0 - self.config.kv_cache_ratio), 9))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             prefix = self.blocks.match_prefix(req)
