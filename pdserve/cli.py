@@ -1,4 +1,4 @@
-"""`pdserve` command line: `generate` now; `serve`, `router`, `demo` and `bench` as they land."""
+"""`pdserve` command line: `generate`, `serve`; `router`, `demo` and `bench` as they land."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import fields
 
 from pdserve.backends import BACKENDS
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine_config import EngineConfig
 
 # Sampling flags of `generate`, mapped onto SamplingParams fields (defaults come from there).
 _SAMPLING_FLAGS = {
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest prompt + output in tokens (default: the model's limit)",
     )
     _add_sampling_flags(g)
+    s = sub.add_parser("serve", help="run a node: OpenAI-compatible HTTP API over the engine")
+    EngineConfig.add_cli_args(s)
     return parser
 
 
@@ -120,12 +123,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pdserve.log import setup_logging
+    from pdserve.node.main import serve
+
+    config = EngineConfig.from_args(args)
+    setup_logging("node")
+    return asyncio.run(serve(config))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except ValueError as e:  # bad input: a message, not a traceback
         print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,13 +6,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pdserve.backends import get_ops
 from pdserve.backends.base import Ops
+from pdserve.config import ModelConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import ModelRunner, SeqChunk
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
-from pdserve.model.ernie45_moe import ErnieMoeForCausalLM
+from pdserve.engine_config import EngineConfig
+from pdserve.model.ernie45_moe import ErnieMoeForCausalLM, load_model
+from pdserve.model.tiny import resolve_model_path
+
+# KV pool size on the NumPy backend when no block count is given (GPU sizing comes from memory).
+DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+
+def default_num_blocks(c: ModelConfig, block_size: int, max_model_len: int, max_seqs: int) -> int:
+    """Blocks for max_seqs full-length sequences, capped at DEFAULT_KV_CACHE_BYTES of float32."""
+    block_bytes = 4 * block_size * c.num_hidden_layers * 2 * c.kv_size
+    per_seq = -(-max_model_len // block_size)
+    return max(1, min(DEFAULT_KV_CACHE_BYTES // block_bytes, max_seqs * per_seq))
 
 
 @dataclass
@@ -24,6 +38,8 @@ class RequestOutput:
     logprob: float
     top_logprobs: tuple[np.ndarray, np.ndarray] | None
     finish_reason: str | None  # "stop", "length", "abort" or None while running
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens found in the prefix cache
 
 
 class EngineCore:
@@ -97,6 +113,30 @@ class EngineCore:
                     float(sampled.logprobs[j]),
                     sampled.top_logprobs[j],
                     status.finish_reason if status is not None else None,
+                    req.num_prompt_tokens,
+                    req.num_cached_tokens,
                 )
             )
         return outputs
+
+
+def build_engine_core(config: EngineConfig) -> EngineCore:
+    """Load the model of a node's EngineConfig and size its KV pool."""
+    ops = get_ops(config.backend)
+    model = load_model(resolve_model_path(config.model), ops, progress=False)
+    c = model.config
+    if config.max_model_len > c.max_position_embeddings:
+        raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings ({c.max_position_embeddings})")  # fmt: skip
+    num_blocks = config.num_gpu_blocks_override or default_num_blocks(
+        c, config.block_size, config.max_model_len, config.max_num_seqs
+    )
+    sched = SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.batched_tokens,
+        max_model_len=config.max_model_len,
+        enable_chunked_prefill=config.enable_chunked_prefill,
+        kv_cache_ratio=config.kv_cache_ratio,
+    )
+    return EngineCore(model, ops, num_blocks, config.block_size, sched,
+                      config.enable_prefix_caching)  # fmt: skip

@@ -9,15 +9,13 @@ import itertools
 from collections.abc import Iterator, Sequence
 
 from pdserve.backends import get_ops
-from pdserve.engine.engine_core import EngineCore, RequestOutput
+from pdserve.engine.engine_core import EngineCore, RequestOutput, default_num_blocks
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerConfig
 from pdserve.model.ernie45_moe import load_model
 from pdserve.model.tiny import resolve_model_path
 from pdserve.tokenizer import Tokenizer, load_tokenizer
-
-DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class LLM:
@@ -47,9 +45,7 @@ class LLM:
         self.max_model_len = min(max_model_len or c.max_position_embeddings,
                                  c.max_position_embeddings)  # fmt: skip
         if num_blocks is None:
-            block_bytes = 4 * block_size * c.num_hidden_layers * 2 * c.kv_size
-            per_seq = -(-self.max_model_len // block_size)
-            num_blocks = min(DEFAULT_KV_CACHE_BYTES // block_bytes, max_num_seqs * per_seq)
+            num_blocks = default_num_blocks(c, block_size, self.max_model_len, max_num_seqs)
         config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -57,7 +53,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             kv_cache_ratio=kv_cache_ratio,
         )
-        self.engine = EngineCore(self.model, self.ops, max(num_blocks, 1), block_size, config,
+        self.engine = EngineCore(self.model, self.ops, num_blocks, block_size, config,
                                  enable_prefix_caching)  # fmt: skip
         self._ids = itertools.count()
 

@@ -1,0 +1,174 @@
+"""The engine process: scheduler, block manager, request table and TP rank 0.
+
+Started by a node's frontend as `python -m pdserve.engine.engine_proc CONFIG_JSON IN OUT`; it
+connects to the frontend's ZeroMQ sockets (IN: requests and aborts, OUT: tokens and stats), binds
+the engine-worker-queue port, loads the model, says `ready`, then steps while there is work. It
+exits when told to, when its frontend dies, or on a fatal error (exit code != 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import zmq
+
+from pdserve.engine import messages as m
+from pdserve.engine.engine_core import EngineCore, RequestOutput, build_engine_core
+from pdserve.engine.request import Request
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine_config import EngineConfig
+from pdserve.log import setup_logging
+
+logger = logging.getLogger("pdserve.engine")
+
+STATS_INTERVAL_S = 0.5  # idle engines still report, so /metrics and health stay fresh
+EXIT_PORT_IN_USE = 3
+
+
+class EngineProcess:
+    def __init__(self, config: EngineConfig, in_addr: str, out_addr: str) -> None:
+        self.config = config
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
+        self.inbox.connect(in_addr)
+        self.outbox = self.ctx.socket(zmq.PUSH)
+        self.outbox.setsockopt(zmq.LINGER, 2000)
+        self.outbox.connect(out_addr)
+        # Further TP ranks and in-host peers will talk to the engine here; today nothing does,
+        # and whatever arrives is answered with an error.
+        self.peers = self.ctx.socket(zmq.ROUTER)
+        self.peers.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
+        self.peers.bind(f"tcp://{config.internal_host}:{config.engine_worker_queue_port}")
+        self.core: EngineCore = build_engine_core(config)
+        self.parent = os.getppid()
+        self.drain_deadline: float | None = None
+
+    def run(self) -> None:
+        c = self.core
+        self._send(m.EngineReady(num_blocks=c.blocks.num_blocks, block_size=c.blocks.block_size,
+                                 max_model_len=c.scheduler.config.max_model_len))  # fmt: skip
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(self.peers, zmq.POLLIN)
+        last_stats = 0.0
+        while True:
+            busy = self.core.has_unfinished()
+            events = dict(poller.poll(0 if busy else STATS_INTERVAL_S * 1000))
+            if self.inbox in events:
+                self._drain_inbox()
+            if self.peers in events:
+                self._reject_peer()
+            outputs = self.core.step() if self.core.has_unfinished() else []
+            now = time.monotonic()
+            if outputs or now - last_stats > STATS_INTERVAL_S:
+                self._send(m.StepOutputs(outputs=[_token_out(o) for o in outputs],
+                                         stats=self._stats()))  # fmt: skip
+                last_stats = now
+            if self.drain_deadline is not None and (
+                not self.core.has_unfinished() or now > self.drain_deadline
+            ):
+                return
+            if not busy and os.getppid() != self.parent:
+                logger.error("frontend process died; engine exiting")
+                return
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                frame = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = m.decode(frame)
+            except m.MessageError as e:
+                logger.warning("dropped a malformed message from the frontend: %s", e)
+                continue
+            if isinstance(msg, m.AddRequest):
+                self._add(msg)
+            elif isinstance(msg, m.AbortRequests):
+                for rid in msg.request_ids:
+                    self.core.abort(rid)
+            elif isinstance(msg, m.Shutdown):
+                self.drain_deadline = time.monotonic() + msg.drain_seconds
+
+    def _add(self, msg: m.AddRequest) -> None:
+        try:
+            if self.drain_deadline is not None:
+                raise ValueError("the node is shutting down")
+            params = SamplingParams(**msg.params)
+            req = Request(msg.request_id, msg.prompt_token_ids, params, tuple(msg.eos_token_ids))
+            self.core.add_request(req)
+        except (TypeError, ValueError) as e:
+            self._send(m.RequestFailed(request_id=msg.request_id, message=str(e)))
+
+    def _reject_peer(self) -> None:
+        try:
+            frames = self.peers.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        logger.warning("engine-worker-queue: no peers are served yet; rejected %d frames",
+                       len(frames))  # fmt: skip
+        if len(frames) >= 2:
+            err = {"type": "error", "v": m.SCHEMA_VERSION, "message": "no peer protocol yet"}
+            self.peers.send_multipart([frames[0], m.msgpack.packb(err)])
+
+    def _stats(self) -> m.EngineStats:
+        c = self.core
+        return m.EngineStats(
+            num_running=len(c.scheduler.running),
+            num_waiting=len(c.scheduler.waiting),
+            num_free_blocks=c.blocks.num_free_blocks,
+            num_blocks=c.blocks.num_blocks,
+            kv_usage=c.blocks.usage,
+            prefix_queries=c.blocks.prefix_queries,
+            prefix_hits=c.blocks.prefix_hits,
+            num_preemptions=c.num_preemptions,
+        )
+
+    def _send(self, msg: m.Message) -> None:
+        self.outbox.send(m.encode(msg))
+
+    def close(self) -> None:
+        for rid in list(self.core.requests):
+            self.core.abort(rid)
+        self._send(m.StepOutputs(outputs=[], stats=self._stats()))
+        self.ctx.destroy(linger=2000)
+
+
+def _token_out(o: RequestOutput) -> m.TokenOut:
+    top_ids = top_lps = None
+    if o.top_logprobs is not None:
+        top_ids, top_lps = o.top_logprobs[0].tolist(), o.top_logprobs[1].tolist()
+    return m.TokenOut(
+        request_id=o.request_id, token_id=o.token_id, logprob=o.logprob, top_ids=top_ids,
+        top_logprobs=top_lps, finish_reason=o.finish_reason,
+        num_prompt_tokens=o.num_prompt_tokens, num_cached_tokens=o.num_cached_tokens,
+    )  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    config_json, in_addr, out_addr = argv
+    config = EngineConfig(**json.loads(config_json))
+    setup_logging("engine")
+    try:
+        proc = EngineProcess(config, in_addr, out_addr)
+    except zmq.ZMQError as e:
+        if e.errno == zmq.EADDRINUSE:
+            print(f"--engine-worker-queue-port {config.engine_worker_queue_port} is already in use",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_PORT_IN_USE
+        raise
+    try:
+        proc.run()
+    finally:
+        proc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,123 @@
+"""Typed messages between a node's frontend and its engine process, and their one codec.
+
+On the wire a message is one msgpack frame: a map with `type`, the schema version `v`, and the
+message's fields. Decoding checks the size, the version, the type and every field's type (through
+pydantic, strictly), so a malformed or foreign message is rejected, never half-applied. Nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of msgpack ints
+
+
+class MessageError(ValueError):
+    """A frame that is not a valid message of this schema version."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    TYPE: ClassVar[str] = ""
+
+
+class AddRequest(_Msg):
+    TYPE: ClassVar[str] = "add"
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]  # SamplingParams fields; SamplingParams(**params) validates them
+    eos_token_ids: list[int] = Field(default_factory=list)
+
+
+class AbortRequests(_Msg):
+    TYPE: ClassVar[str] = "abort"
+    request_ids: list[str]
+
+
+class Shutdown(_Msg):
+    TYPE: ClassVar[str] = "shutdown"
+    drain_seconds: float = 0.0  # finish in-flight requests for up to this long first
+
+
+class TokenOut(_Msg):
+    """One token of one request, as the engine produced it."""
+
+    request_id: str
+    token_id: int
+    logprob: float
+    top_ids: list[int] | None
+    top_logprobs: list[float] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+class EngineStats(_Msg):
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    kv_usage: float = 0.0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
+    prefix_hits: int = 0  # of which found, cumulative
+    num_preemptions: int = 0  # cumulative
+
+
+class StepOutputs(_Msg):
+    TYPE: ClassVar[str] = "outputs"
+    outputs: list[TokenOut]
+    stats: EngineStats
+
+
+class RequestFailed(_Msg):
+    """The engine refused or dropped a request (e.g. it cannot fit the KV pool)."""
+
+    TYPE: ClassVar[str] = "failed"
+    request_id: str
+    message: str
+
+
+class EngineReady(_Msg):
+    TYPE: ClassVar[str] = "ready"
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+
+
+Message = AddRequest | AbortRequests | Shutdown | StepOutputs | RequestFailed | EngineReady
+_TYPES: dict[str, type[_Msg]] = {
+    cls.TYPE: cls
+    for cls in (AddRequest, AbortRequests, Shutdown, StepOutputs, RequestFailed, EngineReady)
+}
+
+
+def encode(msg: Message) -> bytes:
+    return msgpack.packb({"type": msg.TYPE, "v": SCHEMA_VERSION, **msg.model_dump()})
+
+
+def decode(frame: bytes) -> Message:
+    """Parse and validate one frame; MessageError says what is wrong with it."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise MessageError(f"not msgpack: {e}") from None
+    if not isinstance(raw, dict):
+        raise MessageError("message is not a map")
+    kind, version = raw.pop("type", None), raw.pop("v", None)
+    if version != SCHEMA_VERSION:
+        raise MessageError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {kind!r}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise MessageError(f"invalid {kind} message: {e.errors()[0]['msg']} at "
+                           f"{e.errors()[0]['loc']}") from None  # fmt: skip

@@ -1,0 +1,137 @@
+"""EngineConfig: every flag of `pdserve serve`, with FastDeploy's names, defaults and meanings.
+
+The argparse parser is generated from the dataclass, so a flag, its default and its help live in
+one place. Flags FastDeploy users pass that pdserve does not implement yet are accepted by the
+parser and then refused with a message that says so, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+def _flag(help_text: str, **kw: Any) -> Any:
+    default = kw.pop("default", MISSING)
+    return field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = _flag("model directory (config.json, *.safetensors, tokenizer) or 'tiny'",
+                       default="tiny")  # fmt: skip
+    served_model_name: str | None = _flag("model name in the API (default: --model)", default=None)
+    host: str = _flag("HTTP bind address", default="127.0.0.1")
+    port: int = _flag("OpenAI HTTP API port", default=8000)
+    metrics_port: int = _flag("Prometheus /metrics port (also served on --port)", default=8001)
+    engine_worker_queue_port: int = _flag(
+        "engine's ZeroMQ port for its workers and in-host peers", default=8002)  # fmt: skip
+    cache_queue_port: int = _flag("base port of the per-rank KV endpoints", default=8003)
+    pd_comm_port: int = _flag("gRPC Node service port", default=8004)
+    internal_host: str = _flag("bind address of gRPC, KV and engine ports", default="127.0.0.1")
+    splitwise_role: str = _flag("mixed, prefill or decode", default="mixed",
+                                choices=("mixed", "prefill", "decode"))  # fmt: skip
+    tensor_parallel_size: int = _flag("tensor-parallel ranks", default=1)
+    backend: str = _flag("compute backend", default="auto", choices=("numpy", "cupy", "auto"))
+    quantization: str | None = _flag("weight quantization: wint8, wint4, block_wise_fp8",
+                                     default=None)  # fmt: skip
+    max_model_len: int = _flag("longest prompt + output, in tokens", default=2048)
+    max_num_seqs: int = _flag("running requests at most", default=8)
+    max_num_batched_tokens: int | None = _flag(
+        "tokens per step at most (default: 8192 with chunked prefill, else --max-model-len)",
+        default=None)  # fmt: skip
+    block_size: int = _flag("tokens per KV block", default=64)
+    gpu_memory_utilization: float = _flag("share of GPU memory for weights, activations and KV",
+                                          default=0.9)  # fmt: skip
+    kv_cache_ratio: float = _flag("share of KV blocks new prefills may take", default=0.75)
+    num_gpu_blocks_override: int | None = _flag("KV blocks in the pool, overriding sizing",
+                                                default=None)  # fmt: skip
+    enable_prefix_caching: bool = _flag("reuse KV of shared prompt prefixes", default=True)
+    swap_space: float = _flag("GB of CPU memory for evicted prefix blocks", default=0.0)
+    enable_chunked_prefill: bool = _flag(
+        "split long prompts across steps (off if FD_DISABLE_CHUNKED_PREFILL=1)", default=True
+    )
+    api_key: str | None = _flag("bearer token required on the HTTP API (or FD_API_KEY)",
+                                default=None)  # fmt: skip
+    max_concurrency: int = _flag("requests in flight at most; more get HTTP 429", default=512)
+    max_request_body_bytes: int = _flag("largest HTTP request body; more get HTTP 413",
+                                        default=16 * 1024 * 1024)  # fmt: skip
+    timeout_graceful_shutdown: float = _flag("seconds SIGTERM waits for in-flight requests",
+                                             default=10.0)  # fmt: skip
+    speculative_config: str | None = _flag("speculative decoding JSON", default=None)
+    graph_optimization_config: str | None = _flag("CUDA graph JSON", default=None)
+    use_cudagraph: bool = _flag("capture decode in CUDA graphs", default=False)
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port", "engine_worker_queue_port", "cache_queue_port",
+                     "pd_comm_port"):  # fmt: skip
+            if not 0 < getattr(self, name) < 65536:
+                raise ValueError(
+                    f"--{_dash(name)} must be a port number, got {getattr(self, name)}"
+                )
+        for name in ("max_model_len", "max_num_seqs", "block_size", "max_concurrency",
+                     "max_request_body_bytes"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_dash(name)} must be >= 1, got {getattr(self, name)}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError("--num-gpu-blocks-override must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+        self._refuse_unbuilt()
+
+    def _refuse_unbuilt(self) -> None:
+        """Accepted for FastDeploy compatibility, not implemented yet: say so."""
+        unbuilt = {
+            "splitwise_role": self.splitwise_role != "mixed",
+            "tensor_parallel_size": self.tensor_parallel_size != 1,
+            "quantization": self.quantization not in (None, "none"),
+            "swap_space": self.swap_space > 0,
+            "speculative_config": self.speculative_config is not None,
+            "graph_optimization_config": self.graph_optimization_config is not None,
+            "use_cudagraph": self.use_cudagraph,
+        }
+        for name, used in unbuilt.items():
+            if used:
+                raise ValueError(f"--{_dash(name)} {getattr(self, name)!r}: not implemented yet "
+                                 "in pdserve")  # fmt: skip
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def batched_tokens(self) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.enable_chunked_prefill else self.max_model_len
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        for f in fields(cls):
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            flag = "--" + _dash(f.name)
+            if f.type in (bool, "bool"):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=help_text)  # fmt: skip
+                continue
+            kind = str(f.type).split(" ")[0]
+            conv = {"int": int, "float": float}.get(kind, str)
+            default = f.default
+            parser.add_argument(flag, type=conv, default=default,
+                                help=f"{help_text} (default: {default})", **meta)  # fmt: skip
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        if os.environ.get("FD_DISABLE_CHUNKED_PREFILL") == "1":
+            values["enable_chunked_prefill"] = False
+        if values["api_key"] is None:
+            values["api_key"] = os.environ.get("FD_API_KEY") or None
+        return cls(**values)
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,203 @@
+"""The frontend's side of the engine process: spawn it, feed it, route its tokens, watch it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, fields
+
+import zmq
+import zmq.asyncio
+
+from pdserve.engine import messages as m
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine_config import EngineConfig
+from pdserve.metrics import NodeMetrics
+from pdserve.openai.engine_protocol import EngineDeadError, RequestRejected, TokenDelta
+
+logger = logging.getLogger("pdserve.node")
+
+READY_TIMEOUT_S = 600.0  # loading a 21B checkpoint from a cold disk takes minutes
+
+
+def ipc_dir() -> str:
+    return os.environ.get("PDSERVE_IPC_DIR", tempfile.gettempdir())
+
+
+class ZmqEngineClient:
+    """Runs the engine as a child process and talks to it over two ipc ZeroMQ sockets."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        eos_token_ids: tuple[int, ...],
+        on_death: Callable[[int], None] | None = None,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or NodeMetrics()
+        self.eos_token_ids = eos_token_ids
+        self.on_death = on_death  # called with the exit code if the engine dies on its own
+        self.ctx = zmq.asyncio.Context()
+        # INFERENCE_MSG_QUEUE_ID names the node's sockets (as in FastDeploy); the port and a random
+        # suffix keep two nodes on one host apart even when they share an id.
+        queue_id = os.environ.get("INFERENCE_MSG_QUEUE_ID", str(config.engine_worker_queue_port))
+        base = os.path.join(ipc_dir(), f"pdserve-{queue_id}-{config.port}-{uuid.uuid4().hex[:8]}")
+        self.in_addr, self.out_addr = f"ipc://{base}-in", f"ipc://{base}-out"
+        self.to_engine = self.ctx.socket(zmq.PUSH)
+        self.to_engine.setsockopt(zmq.LINGER, 0)
+        self.from_engine = self.ctx.socket(zmq.PULL)
+        self.from_engine.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.queues: dict[str, asyncio.Queue[TokenDelta | Exception]] = {}
+        self.stats = m.EngineStats()
+        self.ready: m.EngineReady | None = None
+        self.dead = False
+        self.stopping = False
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def num_running(self) -> int:
+        return len(self.queues)
+
+    async def start(self) -> None:
+        """Spawn the engine and wait until its model is loaded; RuntimeError if it fails."""
+        self.to_engine.bind(self.in_addr)
+        self.from_engine.bind(self.out_addr)
+        cfg = json.dumps({f.name: getattr(self.config, f.name) for f in fields(self.config)})
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pdserve.engine.engine_proc", cfg, self.in_addr, self.out_addr,
+            stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        recv = asyncio.ensure_future(self.from_engine.recv())
+        exited = asyncio.ensure_future(self.proc.wait())
+        done, _ = await asyncio.wait({recv, exited}, timeout=READY_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if recv not in done:
+            recv.cancel()
+            code = self.proc.returncode
+            await self.stop()
+            raise RuntimeError(f"engine process failed to start (exit code {code})")
+        exited.cancel()
+        msg = m.decode(recv.result())
+        if not isinstance(msg, m.EngineReady):
+            raise RuntimeError(f"engine sent {msg.TYPE} before ready")
+        self.ready = msg
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._watch())]
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frame = await self.from_engine.recv()
+            try:
+                msg = m.decode(frame)
+            except m.MessageError as e:
+                logger.error("dropped a malformed message from the engine: %s", e)
+                continue
+            if isinstance(msg, m.StepOutputs):
+                self.stats = msg.stats
+                self.metrics.update_engine(msg.stats)
+                for out in msg.outputs:
+                    q = self.queues.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(_delta(out))
+            elif isinstance(msg, m.RequestFailed):
+                q = self.queues.get(msg.request_id)
+                if q is not None:
+                    q.put_nowait(RequestRejected(msg.message))
+
+    async def _watch(self) -> None:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        self.dead = True
+        logger.error("engine process exited with code %s; failing %d requests", code,
+                     len(self.queues))  # fmt: skip
+        for q in self.queues.values():
+            q.put_nowait(EngineDeadError(f"engine process exited (code {code})"))
+        if self.on_death is not None and not self.stopping:
+            self.on_death(code)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
+        if self.dead or self.ready is None:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self.queues:
+            raise RequestRejected(f"request id {request_id!r} is already in flight")
+        q: asyncio.Queue[TokenDelta | Exception] = asyncio.Queue()
+        self.queues[request_id] = q
+        finished = False
+        start = last = time.monotonic()
+        num_tokens = 0
+        mx = self.metrics
+        try:
+            await self._send(m.AddRequest(
+                request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                params=asdict(params) | {"stop_token_ids": list(params.stop_token_ids)},
+                eos_token_ids=list(self.eos_token_ids),
+            ))  # fmt: skip
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    finished = True  # the engine holds nothing for it any more
+                    raise item
+                now = time.monotonic()
+                (mx.tpot if num_tokens else mx.ttft).observe(now - last)
+                last, num_tokens = now, num_tokens + len(item.token_ids)
+                if item.finish_reason is not None:
+                    finished = True
+                    mx.e2e.observe(now - start)
+                    mx.requests.labels(item.finish_reason).inc()
+                    mx.prompt_tokens.inc(item.num_prompt_tokens)
+                    mx.generation_tokens.inc(num_tokens)
+                yield item
+                if finished:
+                    return
+        finally:
+            self.queues.pop(request_id, None)
+            if not finished and not self.dead:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if not self.dead:
+            await self._send(m.AbortRequests(request_ids=[request_id]))
+
+    async def _send(self, msg: m.Message) -> None:
+        await self.to_engine.send(m.encode(msg))
+
+    async def stop(self, drain_seconds: float = 0.0) -> int | None:
+        """Ask the engine to finish (draining up to drain_seconds), then make sure it is gone."""
+        self.stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._send(m.Shutdown(drain_seconds=drain_seconds))
+            try:
+                await asyncio.wait_for(self.proc.wait(), drain_seconds + 10)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        for t in self._tasks:
+            t.cancel()
+        self.ctx.destroy(linger=0)
+        for addr in (self.in_addr, self.out_addr):
+            with contextlib.suppress(OSError):
+                os.unlink(addr[len("ipc://") :])
+        return self.proc.returncode if self.proc else None
+
+
+def _delta(out: m.TokenOut) -> TokenDelta:
+    top = None
+    if out.top_ids is not None and out.top_logprobs is not None:
+        top = [list(zip(out.top_ids, out.top_logprobs))]
+    return TokenDelta(
+        token_ids=[out.token_id], logprobs=[out.logprob], top_logprobs=top,
+        finish_reason=out.finish_reason, num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+    )  # fmt: skip

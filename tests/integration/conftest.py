@@ -1,0 +1,137 @@
+"""Real node processes on free loopback ports, driven with the official openai client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import openai
+import pytest
+
+START_TIMEOUT_S = 60
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, str]:  # fmt: skip
+    """(status, body text) of a plain HTTP request, errors included."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    api_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "unused",
+                             max_retries=0, timeout=60, **kw)  # fmt: skip
+
+    def async_client(self, **kw) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "unused",
+                                  max_retries=0, timeout=60, **kw)  # fmt: skip
+
+    def metric(self, name: str) -> float:
+        _, text = http("GET", f"http://127.0.0.1:{self.metrics_port}/metrics")
+        match = re.search(rf"^pdserve:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        assert match, f"metric {name} not exported"
+        return float(match.group(1))
+
+    def wait_blocks_free(self, timeout: float = 10.0) -> None:
+        """Every KV block back in the free list (the engine reports every 0.5 s when idle)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            free, total = self.metric("kv_free_blocks"), self.metric("kv_total_blocks")
+            if free == total and self.metric("num_requests_running") == 0:
+                return
+            assert time.monotonic() < deadline, f"{total - free:.0f} KV blocks never came back"
+            time.sleep(0.2)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start_node(*args: str, env: dict[str, str] | None = None, api_key: str | None = None) -> Node:
+    port, metrics_port, eq, cq, pd = free_ports(5)
+    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--model", "tiny",
+           "--port", str(port), "--metrics-port", str(metrics_port),
+           "--engine-worker-queue-port", str(eq), "--cache-queue-port", str(cq),
+           "--pd-comm-port", str(pd), *args]  # fmt: skip
+    if api_key:
+        cmd += ["--api-key", api_key]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    node = Node(proc, port, metrics_port, api_key)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"node exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if http("GET", node.url + "/health")[0] == 200:
+                return node
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            node.stop(signal.SIGKILL)
+            raise RuntimeError("node did not become healthy")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def node_factory() -> Iterator:
+    nodes: list[Node] = []
+
+    def make(*args: str, **kw) -> Node:
+        nodes.append(start_node(*args, **kw))
+        return nodes[-1]
+
+    yield make
+    for n in nodes:
+        if n.proc.poll() is None:
+            n.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    n = start_node("--max-num-seqs", "64", "--num-gpu-blocks-override", "512",
+                   "--block-size", "16")  # fmt: skip
+    yield n
+    assert n.stop() == 0, "SIGTERM must drain and exit 0"
