@@ -89,9 +89,18 @@ class Node:
             raise
 
 
-def start_node(*args: str, env: dict[str, str] | None = None, api_key: str | None = None) -> Node:
+NODE_ENTRY = ("pdserve.cli", "serve")
+
+
+def start_node(
+    *args: str,
+    env: dict[str, str] | None = None,
+    api_key: str | None = None,
+    entry: tuple[str, ...] = NODE_ENTRY,
+) -> Node:
+    """A healthy `pdserve serve --model tiny` (or another entry module) on free ports."""
     port, metrics_port, eq, cq, pd = free_ports(5)
-    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--model", "tiny",
+    cmd = [sys.executable, "-m", *entry, "--model", "tiny",
            "--port", str(port), "--metrics-port", str(metrics_port),
            "--engine-worker-queue-port", str(eq), "--cache-queue-port", str(cq),
            "--pd-comm-port", str(pd), *args]  # fmt: skip
