@@ -49,7 +49,7 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = _flag("KV blocks in the pool, overriding sizing",
                                                 default=None)  # fmt: skip
     enable_prefix_caching: bool = _flag("reuse KV of shared prompt prefixes", default=True)
-    swap_space: float = _flag("GB of CPU memory for evicted prefix blocks", default=0.0)
+    swap_space: float = _flag("GiB of CPU memory keeping evicted prefix blocks", default=0.0)
     enable_chunked_prefill: bool = _flag(
         "split long prompts across steps (off if FD_DISABLE_CHUNKED_PREFILL=1)", default=True
     )
@@ -77,6 +77,8 @@ class EngineConfig:
                 raise ValueError(f"--{_dash(name)} must be >= 1, got {getattr(self, name)}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError("--num-gpu-blocks-override must be >= 1")
+        if self.swap_space < 0:
+            raise ValueError(f"--swap-space must be >= 0 GiB, got {self.swap_space}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
         self._refuse_unbuilt()
@@ -87,7 +89,6 @@ class EngineConfig:
             "splitwise_role": self.splitwise_role != "mixed",
             "tensor_parallel_size": self.tensor_parallel_size != 1,
             "quantization": self.quantization not in (None, "none"),
-            "swap_space": self.swap_space > 0,
             "speculative_config": self.speculative_config is not None,
             "graph_optimization_config": self.graph_optimization_config is not None,
             "use_cudagraph": self.use_cudagraph,

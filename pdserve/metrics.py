@@ -43,6 +43,12 @@ class NodeMetrics:
                                      registry=r)  # fmt: skip
         self.preemptions = Gauge(p + "num_preemptions", "Requests preempted (cumulative)",
                                  registry=r)  # fmt: skip
+        self.host_blocks = Gauge(p + "swap_space_blocks", "KV blocks of the --swap-space tier",
+                                 registry=r)  # fmt: skip
+        self.swapped_in = Gauge(p + "swap_in_blocks", "Prefix blocks restored from the host tier "
+                                "(cumulative)", registry=r)  # fmt: skip
+        self.swapped_out = Gauge(p + "swap_out_blocks", "Prefix blocks saved to the host tier "
+                                 "(cumulative)", registry=r)  # fmt: skip
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tpot = Histogram(p + "time_per_output_token_seconds", "Time between output tokens",
@@ -64,6 +70,9 @@ class NodeMetrics:
         self.prefix_hits.set(s.prefix_hits)
         self.prefix_hit_rate.set(s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0)
         self.preemptions.set(s.num_preemptions)
+        self.host_blocks.set(s.num_host_blocks)
+        self.swapped_in.set(s.swapped_in)
+        self.swapped_out.set(s.swapped_out)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

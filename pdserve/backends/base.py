@@ -39,6 +39,10 @@ class Ops(ABC):
     def alloc_kv_cache(self, shape: tuple[int, ...]) -> Array:
         """One zeroed allocation [layers, 2, blocks, block_size, kv_heads, D] for the KV pool."""
 
+    @abstractmethod
+    def copy_block(self, dst: Array, dst_block: int, src: Array, src_block: int) -> None:
+        """dst[:, :, dst_block] = src[:, :, src_block] between KV pools (device or host)."""
+
     # -- layers -----------------------------------------------------------------------------
     @abstractmethod
     def embedding(self, table: Array, ids: Array) -> Array:

@@ -23,6 +23,9 @@ class NumpyOps(Ops):
     def alloc_kv_cache(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, dtype=np.float32)
 
+    def copy_block(self, dst: np.ndarray, dst_block: int, src: np.ndarray, src_block: int) -> None:
+        dst[:, :, dst_block] = src[:, :, src_block]
+
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]
 

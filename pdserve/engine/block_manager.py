@@ -13,7 +13,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from pdserve.engine.host_tier import HostTier
 from pdserve.engine.request import Request
+
+SWAP_OUT, SWAP_IN = 0, 1  # block copies: device block -> host slot, host slot -> device block
 
 
 def chain_hash(parent: bytes, tokens: Iterable[int]) -> bytes:
@@ -28,7 +31,13 @@ def chain_hash(parent: bytes, tokens: Iterable[int]) -> bytes:
 class BlockManager:
     """Owns the ids 0..num_blocks-1 of one KV pool; `block_size` tokens per block."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        num_host_blocks: int = 0,
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
@@ -40,6 +49,11 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
+        self.host = HostTier(num_host_blocks) if num_host_blocks and enable_prefix_caching else None
+        # (SWAP_OUT, block, slot) / (SWAP_IN, slot, block), to run in this order before the
+        # next forward pass; the scheduler hands them over with its plan
+        self.copies: list[tuple[int, int, int]] = []
+        self.swapped_in = self.swapped_out = 0  # blocks, cumulative
 
     @property
     def num_free_blocks(self) -> int:
@@ -73,11 +87,32 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def admit(self, req: Request, prefix: list[int], num_new_tokens: int, reserve: int = 0) -> bool:
-        """Give a waiting request the cached `prefix` blocks plus blocks for `num_new_tokens`
-        after them, if that leaves at least `reserve` blocks free. Sets its computed tokens."""
+    def match_host(self, req: Request, start: int) -> list[bytes]:
+        """Hashes of the blocks after the first `start` that the host tier holds, in order."""
+        if self.host is None:
+            return []
+        limit = (req.num_tokens - 1) // self.block_size
+        hits = []
+        for h in req.block_hashes[start:limit]:
+            if h not in self.host or h in self.cached:
+                break
+            hits.append(h)
+        return hits
+
+    def admit(
+        self,
+        req: Request,
+        prefix: list[int],
+        num_new_tokens: int,
+        reserve: int = 0,
+        host_hits: list[bytes] | None = None,
+    ) -> bool:
+        """Give a waiting request the cached `prefix` blocks, blocks swapped in for `host_hits`
+        (see match_host) and blocks for `num_new_tokens` after them, if that leaves at least
+        `reserve` blocks free. Sets its computed tokens."""
         assert not req.block_ids, "request already holds blocks"
-        num_cached = len(prefix) * self.block_size
+        host_hits = host_hits or []
+        num_cached = (len(prefix) + len(host_hits)) * self.block_size
         need = self.blocks_needed(num_cached + num_new_tokens) - len(prefix)
         revived = sum(1 for b in prefix if self.ref_counts[b] == 0)  # free now, taken back
         if need + revived > len(self.free) - reserve:
@@ -86,8 +121,17 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 del self.free[b]
             self.ref_counts[b] += 1
+        # own the host slots first, so that evictions below cannot recycle them
+        slots = [self.host.take(h) for h in host_hits] if self.host else []
         req.block_ids = list(prefix) + [self._take_free() for _ in range(need)]
-        req.num_registered_blocks = len(prefix)
+        for i, (h, slot) in enumerate(zip(host_hits, slots), start=len(prefix)):
+            block = req.block_ids[i]
+            self.copies.append((SWAP_IN, slot, block))
+            self.block_hash[block] = h
+            self.cached[h] = block
+            self.host.release(slot)
+        self.swapped_in += len(host_hits)
+        req.num_registered_blocks = len(prefix) + len(host_hits)
         req.num_computed_tokens = num_cached
         if req.status != req.status.PREEMPTED:  # a recompute is not a cache query
             req.num_cached_tokens = num_cached
@@ -130,11 +174,19 @@ class BlockManager:
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)
         h = self.block_hash[block]
-        if h is not None:  # evict the cached prefix it held
+        if h is not None:  # evict the cached prefix it held, to the host tier if there is one
             del self.cached[h]
             self.block_hash[block] = None
+            slot = self.host.store(h) if self.host else None
+            if slot is not None:
+                self.copies.append((SWAP_OUT, block, slot))
+                self.swapped_out += 1
         self.ref_counts[block] = 1
         return block
+
+    def take_copies(self) -> list[tuple[int, int, int]]:
+        copies, self.copies = self.copies, []
+        return copies
 
     def check_integrity(self, live: Iterable[Request] = ()) -> None:
         """Raise AssertionError unless ref counts match the live requests' block tables."""
@@ -148,3 +200,5 @@ class BlockManager:
         for h, b in self.cached.items():
             assert self.block_hash[b] == h, f"block {b} lost its hash"
         assert sum(h is not None for h in self.block_hash) == len(self.cached)
+        if self.host is not None:
+            self.host.check_integrity()

@@ -22,9 +22,14 @@ from pdserve.model.tiny import resolve_model_path
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 
 
+def kv_block_bytes(c: ModelConfig, block_size: int) -> int:
+    """Bytes of one float32 KV block over all layers."""
+    return 4 * block_size * c.num_hidden_layers * 2 * c.kv_size
+
+
 def default_num_blocks(c: ModelConfig, block_size: int, max_model_len: int, max_seqs: int) -> int:
     """Blocks for max_seqs full-length sequences, capped at DEFAULT_KV_CACHE_BYTES of float32."""
-    block_bytes = 4 * block_size * c.num_hidden_layers * 2 * c.kv_size
+    block_bytes = kv_block_bytes(c, block_size)
     per_seq = -(-max_model_len // block_size)
     return max(1, min(DEFAULT_KV_CACHE_BYTES // block_bytes, max_seqs * per_seq))
 
@@ -53,9 +58,10 @@ class EngineCore:
         block_size: int,
         scheduler_config: SchedulerConfig,
         enable_prefix_caching: bool = True,
+        num_host_blocks: int = 0,
     ) -> None:
-        self.runner = ModelRunner(model, ops, num_blocks, block_size)
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.runner = ModelRunner(model, ops, num_blocks, block_size, num_host_blocks)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -80,6 +86,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
+        self.runner.copy_blocks(plan.copies)
         if not plan:
             return []
         chunks = [
@@ -138,5 +145,6 @@ def build_engine_core(config: EngineConfig) -> EngineCore:
         enable_chunked_prefill=config.enable_chunked_prefill,
         kv_cache_ratio=config.kv_cache_ratio,
     )
+    num_host_blocks = int(config.swap_space * 2**30) // kv_block_bytes(c, config.block_size)
     return EngineCore(model, ops, num_blocks, config.block_size, sched,
-                      config.enable_prefix_caching)  # fmt: skip
+                      config.enable_prefix_caching, num_host_blocks)  # fmt: skip

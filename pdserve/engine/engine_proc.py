@@ -128,6 +128,9 @@ class EngineProcess:
             prefix_queries=c.blocks.prefix_queries,
             prefix_hits=c.blocks.prefix_hits,
             num_preemptions=c.num_preemptions,
+            num_host_blocks=c.blocks.host.num_slots if c.blocks.host else 0,
+            swapped_in=c.blocks.swapped_in,
+            swapped_out=c.blocks.swapped_out,
         )
 
     def _send(self, msg: m.Message) -> None:

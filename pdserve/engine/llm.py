@@ -33,6 +33,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         kv_cache_ratio: float = 0.75,
+        num_host_blocks: int = 0,
         progress: bool = True,
     ) -> None:
         if block_size < 1:
@@ -54,7 +55,7 @@ class LLM:
             kv_cache_ratio=kv_cache_ratio,
         )
         self.engine = EngineCore(self.model, self.ops, num_blocks, block_size, config,
-                                 enable_prefix_caching)  # fmt: skip
+                                 enable_prefix_caching, num_host_blocks)  # fmt: skip
         self._ids = itertools.count()
 
     def generate(

@@ -66,6 +66,9 @@ class EngineStats(_Msg):
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     prefix_hits: int = 0  # of which found, cumulative
     num_preemptions: int = 0  # cumulative
+    num_host_blocks: int = 0  # --swap-space tier size
+    swapped_in: int = 0  # blocks brought back from the host tier, cumulative
+    swapped_out: int = 0  # blocks saved to the host tier on eviction, cumulative
 
 
 class StepOutputs(_Msg):

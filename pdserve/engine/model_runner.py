@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdserve.backends.base import Ops
+from pdserve.engine.block_manager import SWAP_OUT
 from pdserve.model.ernie45_moe import ErnieMoeForCausalLM
 from pdserve.model.forward_batch import ForwardBatch
 
@@ -34,13 +35,29 @@ class ModelRunner:
     """Owns the model and its KV pool [layers, 2, blocks, block_size, kv_heads, head_dim]."""
 
     def __init__(
-        self, model: ErnieMoeForCausalLM, ops: Ops, num_blocks: int, block_size: int
+        self,
+        model: ErnieMoeForCausalLM,
+        ops: Ops,
+        num_blocks: int,
+        block_size: int,
+        num_host_blocks: int = 0,
     ) -> None:
         self.model = model
         self.ops = ops
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_cache = ops.alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size))
+        # the --swap-space tier: host memory, same layout
+        self.host_cache = np.zeros(model.kv_cache_shape(num_host_blocks, block_size), np.float32)
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Run the block manager's swaps in order: (SWAP_OUT, block, slot) copies a device block
+        to the host tier, (SWAP_IN, slot, block) back."""
+        for op, src, dst in copies:
+            if op == SWAP_OUT:
+                self.ops.copy_block(self.host_cache, dst, self.kv_cache, src)
+            else:
+                self.ops.copy_block(self.kv_cache, dst, self.host_cache, src)
 
     def build_batch(self, chunks: Sequence[SeqChunk]) -> ForwardBatch:
         bs = self.block_size

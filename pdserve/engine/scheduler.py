@@ -40,6 +40,9 @@ class StepPlan:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # KV block copies between the device pool and the host tier, to run in order before the
+    # forward pass: (SWAP_OUT, block, slot) or (SWAP_IN, slot, block)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -96,6 +99,7 @@ class Scheduler:
             budget -= n
         if not plan.preempted:
             self._admit_waiting(plan, budget)
+        plan.copies = self.blocks.take_copies()
         return plan
 
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
@@ -104,12 +108,13 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             prefix = self.blocks.match_prefix(req)
-            n = req.num_tokens - len(prefix) * self.blocks.block_size
+            host_hits = self.blocks.match_host(req, len(prefix))
+            n = req.num_tokens - (len(prefix) + len(host_hits)) * self.blocks.block_size
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
             # nothing running means nothing can free blocks later: then the reserve is lent out
-            if not self.blocks.admit(req, prefix, n, reserve if self.running else 0):
+            if not self.blocks.admit(req, prefix, n, reserve if self.running else 0, host_hits):
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING

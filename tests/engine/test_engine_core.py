@@ -122,3 +122,32 @@ def test_stop_token_and_max_model_len_end_requests():
     assert got[-1][0][1].finish_reason == "stop"
     with pytest.raises(ValueError, match="exceeds max_model_len"):
         llm.generate_all([p], [SamplingParams(max_tokens=21)])
+
+
+def test_swap_space_tier_brings_evicted_prefixes_back(alone):
+    """A prefix evicted from a small device pool is restored from the host tier, not recomputed."""
+    llm = make_llm(num_blocks=12, num_host_blocks=128)
+    base = prompts(40)
+    target = max(base, key=len)  # 5+ full blocks
+    assert llm.generate_all([target], [GREEDY])[0] == alone[tuple(target)]
+    for p in prompts(30, seed=7):  # enough other prompts to evict every block of target's
+        llm.generate_all([p], [GREEDY])
+    blocks = llm.engine.blocks
+    assert blocks.swapped_out >= len(target) // 16
+    hits, swapped_in = blocks.prefix_hits, blocks.swapped_in
+    assert llm.generate_all([target], [GREEDY])[0] == alone[tuple(target)]
+    assert blocks.swapped_in - swapped_in >= len(target) // 16 - 1
+    assert blocks.prefix_hits - hits >= 16 * (len(target) // 16 - 1)
+    assert_no_leak(llm)
+
+
+def test_without_swap_space_the_evicted_prefix_is_recomputed(alone):
+    llm = make_llm(num_blocks=12)
+    base = prompts(40)
+    target = max(base, key=len)
+    llm.generate_all([target], [GREEDY])
+    for p in prompts(30, seed=7):
+        llm.generate_all([p], [GREEDY])
+    hits = llm.engine.blocks.prefix_hits
+    assert llm.generate_all([target], [GREEDY])[0] == alone[tuple(target)]
+    assert llm.engine.blocks.prefix_hits == hits

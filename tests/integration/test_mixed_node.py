@@ -143,3 +143,24 @@ def test_metrics_served_on_both_ports(node: Node):
     status, text = http("GET", node.url + "/metrics")
     assert status == 200 and "pdserve:time_to_first_token_seconds_count" in text
     assert node.metric("kv_total_blocks") == 512
+
+
+def test_swap_space_tier_serves_evicted_prefixes(node_factory, alone):
+    """Overfill the device tier: the long prompt's prefix comes back from --swap-space."""
+    small = node_factory("--block-size", "16", "--num-gpu-blocks-override", "40",
+                         "--swap-space", "0.01")  # fmt: skip
+    client = small.client()
+    target = PROMPTS[-1]  # 480 bytes: 30 blocks
+    assert (
+        client.completions.create(model="tiny", prompt=target, **GREEDY).choices[0].text
+        == (alone[target])
+    )
+    for p in PROMPTS[10:20]:  # 3 to 18 blocks each, 40 in the pool: the target is evicted
+        client.completions.create(model="tiny", prompt=p, **GREEDY)
+    small.wait_blocks_free()
+    assert small.metric("swap_out_blocks") >= 29
+    again = client.completions.create(model="tiny", prompt=target, **GREEDY)
+    assert again.choices[0].text == alone[target]
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16 * 29
+    small.wait_blocks_free()
+    assert small.metric("swap_in_blocks") >= 29
