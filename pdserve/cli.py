@@ -1,4 +1,4 @@
-"""`pdserve` command line: `generate`, `serve`; `router`, `demo` and `bench` as they land."""
+"""`pdserve` command line: `generate`, `serve`, `demo`; `router` and `bench` as they land."""
 
 from __future__ import annotations
 
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(g)
     s = sub.add_parser("serve", help="run a node: OpenAI-compatible HTTP API over the engine")
     EngineConfig.add_cli_args(s)
+    d = sub.add_parser("demo", help="start a node, stream one chat request through it, stop")
+    d.add_argument("--model", default="tiny", help="model directory or 'tiny'")
+    d.add_argument("--prompt", default=None, help="the user message")
+    d.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     return parser
 
 
@@ -142,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "demo":
+            from pdserve.demo import DEMO_PROMPT, run_demo
+
+            return run_demo(args.model, args.prompt or DEMO_PROMPT, args.max_tokens)
     except ValueError as e:  # bad input: a message, not a traceback
         print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -51,3 +51,11 @@ def test_bad_flags_name_the_flag():
     assert proc.returncode == 2 and "exceeds max_model_len (100)" in proc.stderr
     proc = run("generate", "--prompt", "x", "--backend", "cupy")
     assert proc.returncode == 2 and "--backend cupy" in proc.stderr
+
+
+def test_demo_streams_a_chat_through_a_real_node_and_stops_it():
+    proc = run("demo", "--max-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip()) > 0
+    assert "12 generated" in proc.stderr and "TTFT" in proc.stderr
+    assert "node stopped (exit code 0)" in proc.stderr
