@@ -45,6 +45,15 @@ class EngineProcess:
         self.peers.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
         self.peers.bind(f"tcp://{config.internal_host}:{config.engine_worker_queue_port}")
         self.core: EngineCore = build_engine_core(config)
+        c, blocks, runner = self.core.runner.model.config, self.core.blocks, self.core.runner
+        logger.info(
+            "engine ready: %s (%d layers, %d experts top-%d), backend %s, KV pool %d blocks of %d "
+            "tokens (%.1f MiB), host tier %d blocks, prefix caching %s, chunked prefill %s",
+            config.model, c.num_hidden_layers, c.moe_num_experts, c.moe_k, runner.ops.name,
+            blocks.num_blocks, blocks.block_size, runner.kv_cache.nbytes / 2**20,
+            blocks.host.num_slots if blocks.host else 0, config.enable_prefix_caching,
+            config.enable_chunked_prefill,
+        )  # fmt: skip
         self.parent = os.getppid()
         self.drain_deadline: float | None = None
 
