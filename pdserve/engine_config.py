@@ -79,6 +79,16 @@ class EngineConfig:
             raise ValueError("--num-gpu-blocks-override must be >= 1")
         if self.swap_space < 0:
             raise ValueError(f"--swap-space must be >= 0 GiB, got {self.swap_space}")
+        if not 0.0 < self.kv_cache_ratio <= 1.0:
+            raise ValueError(f"--kv-cache-ratio must be in (0, 1], got {self.kv_cache_ratio}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("--max-num-batched-tokens must be >= 1")
+        if not self.enable_chunked_prefill and self.batched_tokens < self.max_model_len:
+            raise ValueError(f"without chunked prefill, --max-num-batched-tokens "
+                             f"({self.batched_tokens}) must be >= --max-model-len "
+                             f"({self.max_model_len})")  # fmt: skip
+        if self.timeout_graceful_shutdown < 0:
+            raise ValueError("--timeout-graceful-shutdown must be >= 0 seconds")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
         self._refuse_unbuilt()

@@ -111,5 +111,7 @@ def checkpoints(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _tiny_cache(tmp_path_factory):
-    """Keep the built-in model of this test run out of the user's cache."""
+    """Keep the built-in model and the ipc sockets of this test run out of the user's dirs (a
+    node killed with SIGKILL cannot remove its sockets)."""
     os.environ.setdefault("PDSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("pdserve-cache")))
+    os.environ.setdefault("PDSERVE_IPC_DIR", str(tmp_path_factory.mktemp("ipc")))

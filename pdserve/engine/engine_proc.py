@@ -8,9 +8,12 @@ exits when told to, when its frontend dies, or on a fatal error (exit code != 0)
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -26,7 +29,9 @@ from pdserve.log import setup_logging
 logger = logging.getLogger("pdserve.engine")
 
 STATS_INTERVAL_S = 0.5  # idle engines still report, so /metrics and health stay fresh
+EXIT_BAD_CONFIG = 2
 EXIT_PORT_IN_USE = 3
+PR_SET_PDEATHSIG = 1
 
 
 class EngineProcess:
@@ -82,7 +87,7 @@ class EngineProcess:
                 not self.core.has_unfinished() or now > self.drain_deadline
             ):
                 return
-            if not busy and os.getppid() != self.parent:
+            if os.getppid() != self.parent:
                 logger.error("frontend process died; engine exiting")
                 return
 
@@ -163,12 +168,30 @@ def _token_out(o: RequestOutput) -> m.TokenOut:
     )  # fmt: skip
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the frontend dies, even mid-step (an orphaned engine would keep
+    its memory and ports). Elsewhere the run loop's parent check covers it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> int:
     config_json, in_addr, out_addr = argv
+    _die_with_parent()
+    # The frontend stops the engine with a Shutdown message after draining; a Ctrl-C or SIGTERM
+    # sent to the whole process group must not kill it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = EngineConfig(**json.loads(config_json))
     setup_logging("engine")
     try:
         proc = EngineProcess(config, in_addr, out_addr)
+    except ValueError as e:
+        print(f"pdserve serve: error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     except zmq.ZMQError as e:
         if e.errno == zmq.EADDRINUSE:
             print(f"--engine-worker-queue-port {config.engine_worker_queue_port} is already in use",

@@ -11,6 +11,9 @@ _MAX_LOGPROBS = 20
 _GREEDY_TEMPERATURE = 1e-5
 
 
+_MAX_ID = 2**31  # token ids and counts travel as int32-sized values
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request's next tokens are chosen; defaults follow vLLM and the OpenAI API.
@@ -52,8 +55,8 @@ class SamplingParams:
             _fail("temperature", self.temperature, "a finite number >= 0")
         if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             _fail("top_p", self.top_p, "in (0, 1]")
-        if not (_is_int(self.top_k) and self.top_k >= -1):
-            _fail("top_k", self.top_k, "an int >= -1 (0 or -1 disables)")
+        if not (_is_int(self.top_k) and -1 <= self.top_k < _MAX_ID):
+            _fail("top_k", self.top_k, "an int in [-1, 2**31) (0 or -1 disables)")
         if not (_is_real(self.min_p) and 0.0 <= self.min_p <= 1.0):
             _fail("min_p", self.min_p, "in [0, 1]")
         if not (_is_real(self.repetition_penalty) and 0.0 < self.repetition_penalty < math.inf):
@@ -69,8 +72,9 @@ class SamplingParams:
         if not (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens):
             _fail("min_tokens", self.min_tokens, f"an int in [0, max_tokens={self.max_tokens}]")
         stop = self.stop_token_ids
-        if not (isinstance(stop, (tuple, list)) and all(_is_int(t) and t >= 0 for t in stop)):
-            _fail("stop_token_ids", stop, "a sequence of non-negative ints")
+        if not (isinstance(stop, (tuple, list)) and all(_is_int(t) and 0 <= t < _MAX_ID
+                                                         for t in stop)):  # fmt: skip
+            _fail("stop_token_ids", stop, "a sequence of ints in [0, 2**31)")
         # Accept a list from JSON but store a tuple, so the params stay hashable.
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
         if not isinstance(self.ignore_eos, bool):

@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.engine import messages as m
+from pdserve.engine.engine_proc import EXIT_BAD_CONFIG, EXIT_PORT_IN_USE
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
 from pdserve.metrics import NodeMetrics
@@ -85,6 +86,13 @@ class ZmqEngineClient:
             recv.cancel()
             code = self.proc.returncode
             await self.stop()
+            if code == EXIT_BAD_CONFIG:
+                raise ValueError("the engine rejected the configuration (see its message above)")
+            if code == EXIT_PORT_IN_USE:
+                raise ValueError(
+                    f"--engine-worker-queue-port "
+                    f"{self.config.engine_worker_queue_port} is already in use"
+                )
             raise RuntimeError(f"engine process failed to start (exit code {code})")
         exited.cancel()
         msg = m.decode(recv.result())

@@ -39,9 +39,7 @@ def check_ports(config: EngineConfig) -> None:
             try:
                 s.bind((host, port))
             except OSError as e:
-                raise ValueError(
-                    f"{flag} {port} on {host} is already in use ({e.strerror})"
-                ) from None
+                raise ValueError(f"{flag} {port}: cannot listen on {host} ({e.strerror})") from None
 
 
 def check_environment() -> None:
@@ -76,7 +74,8 @@ async def serve(config: EngineConfig) -> int:
     serving = OpenAIServing(engine, tokenizer, config.model_name, engine.ready.max_model_len,
                             config.max_concurrency)  # fmt: skip
     app = build_app(serving, metrics, state, config.api_key, config.max_request_body_bytes)
-    runner = web.AppRunner(app, handle_signals=False)
+    # handler_cancellation: a client that hangs up cancels its handler, which aborts its request
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
     metrics_runner = web.AppRunner(build_metrics_app(metrics), handle_signals=False)
     await runner.setup()
     await metrics_runner.setup()

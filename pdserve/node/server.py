@@ -7,10 +7,10 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from pdserve.metrics import NodeMetrics
-from pdserve.openai.errors import OpenAIError
+from pdserve.openai.errors import OpenAIError, service_unavailable, unauthorized
 from pdserve.openai.serving import OpenAIServing
 
 logger = logging.getLogger("pdserve.node")
@@ -46,8 +46,8 @@ def build_app(
         if api_key is not None and request.path not in _PUBLIC:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or invalid API key", "authentication_error",
-                                      code="invalid_api_key")  # fmt: skip
+                err = unauthorized()
+                return web.json_response(err.error_body(), status=err.status)
         try:
             return await handler(request)
         except OpenAIError as e:
@@ -63,13 +63,15 @@ def build_app(
 
     async def read_json(request: web.Request) -> dict:
         if state.draining or not state.healthy:
-            raise OpenAIError(503, f"the node is not serving: {state.reason}",
-                              "service_unavailable")  # fmt: skip
+            raise service_unavailable(f"the node is not serving: {state.reason}")
         raw = await request.read()
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OpenAIError(400, f"invalid JSON body: {e}", "invalid_request_error") from None
+        except RecursionError:
+            raise OpenAIError(400, "invalid JSON body: nested too deeply",
+                              "invalid_request_error") from None  # fmt: skip
         if not isinstance(body, dict):
             raise OpenAIError(400, "the JSON body must be an object", "invalid_request_error")
         return body
@@ -81,13 +83,15 @@ def build_app(
             return web.json_response(result)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})  # fmt: skip
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)
             async for line in result:
                 await resp.write(line.encode())
+            await resp.write_eof()
+        except (ConnectionError, ClientConnectionResetError):
+            logger.info("client of %s went away mid-stream; request aborted", request.path)
         finally:
             await result.aclose()  # closes the engine streams when the client went away
-        await resp.write_eof()
         return resp
 
     async def chat(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +50,14 @@ class Node:
     port: int
     metrics_port: int
     api_key: str | None = None
+    log_path: str | None = None
+
+    def log(self) -> str:
+        """What the node wrote to stderr so far."""
+        if self.log_path is None:
+            return ""
+        with open(self.log_path) as f:
+            return f.read()
 
     @property
     def url(self) -> str:
@@ -61,6 +70,11 @@ class Node:
     def async_client(self, **kw) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "unused",
                                   max_retries=0, timeout=60, **kw)  # fmt: skip
+
+    def remove_log(self) -> None:
+        if self.log_path is not None:
+            os.unlink(self.log_path)
+            self.log_path = None
 
     def metric(self, name: str) -> float:
         _, text = http("GET", f"http://127.0.0.1:{self.metrics_port}/metrics")
@@ -106,13 +120,16 @@ def start_node(
            "--pd-comm-port", str(pd), *args]  # fmt: skip
     if api_key:
         cmd += ["--api-key", api_key]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    node = Node(proc, port, metrics_port, api_key)
+    # the node's log goes to a file: a pipe nobody reads would stall a chatty node
+    with tempfile.NamedTemporaryFile("w", prefix="pdserve-node-", suffix=".log",
+                                     delete=False) as log:  # fmt: skip
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    node = Node(proc, port, metrics_port, api_key, log.name)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"node exited with {proc.returncode}: {proc.stderr.read()}")
+            raise RuntimeError(f"node exited with {proc.returncode}: {node.log()}")
         try:
             if http("GET", node.url + "/health")[0] == 200:
                 return node
@@ -136,6 +153,7 @@ def node_factory() -> Iterator:
     for n in nodes:
         if n.proc.poll() is None:
             n.stop(signal.SIGKILL)
+        n.remove_log()
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +162,4 @@ def node() -> Iterator[Node]:
                    "--block-size", "16")  # fmt: skip
     yield n
     assert n.stop() == 0, "SIGTERM must drain and exit 0"
+    n.remove_log()

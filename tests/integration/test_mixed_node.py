@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.integration.conftest import Node, http, start_node
+from tests.integration.conftest import Node, http
 
 GREEDY = {"temperature": 0, "max_tokens": 16, "extra_body": {"ignore_eos": True}}
 
@@ -128,15 +128,15 @@ def test_engine_settings_never_change_greedy_output(node_factory, alone, flags, 
         assert other.metric("num_preemptions") > 0
 
 
-def test_fastdeploy_module_path_serves():
-    node = start_node(entry=("pdserve.entrypoints.openai.api_server",))
+def test_fastdeploy_module_path_serves(node_factory):
+    node = node_factory(entry=("pdserve.entrypoints.openai.api_server",))
     try:
         out = node.client().chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
         assert out.usage.completion_tokens == 4
     finally:
-        assert node.stop() == 0
+        assert node.stop() == 0  # SIGTERM drains and exits 0
 
 
 def test_metrics_served_on_both_ports(node: Node):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import glob
 import os
 
-from tests.integration.conftest import start_node
-
 
 def test_fd_log_dir_gets_node_and_engine_logs(tmp_path, node_factory):
     node = node_factory(env={"FD_LOG_DIR": str(tmp_path / "logs")})
@@ -20,9 +18,9 @@ def test_fd_log_dir_gets_node_and_engine_logs(tmp_path, node_factory):
     assert engine_log  # the engine process logs to its own file
 
 
-def test_two_nodes_with_one_queue_id_do_not_collide(tmp_path):
+def test_two_nodes_with_one_queue_id_do_not_collide(tmp_path, node_factory):
     env = {"INFERENCE_MSG_QUEUE_ID": "7", "PDSERVE_IPC_DIR": str(tmp_path)}
-    a, b = start_node(env=env), start_node(env=env)
+    a, b = node_factory(env=env), node_factory(env=env)
     try:
         sockets = glob.glob(str(tmp_path / "pdserve-7-*"))
         assert len(sockets) == 4  # two per node, all named after the queue id
