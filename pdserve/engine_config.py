@@ -58,6 +58,19 @@ class EngineConfig:
     max_concurrency: int = _flag("requests in flight at most; more get HTTP 429", default=512)
     max_request_body_bytes: int = _flag("largest HTTP request body; more get HTTP 413",
                                         default=16 * 1024 * 1024)  # fmt: skip
+    innode_prefill_ports: str | None = _flag(
+        "decode role: engine-worker-queue ports of in-host prefill nodes, comma-separated",
+        default=None)  # fmt: skip
+    router: str | None = _flag("HOST:PORT of a router's gRPC port to register with",
+                               default=None)  # fmt: skip
+    advertise_host: str | None = _flag("address peers are told (default: --internal-host)",
+                                       default=None)  # fmt: skip
+    cache_transfer_protocol: str = _flag("KV transports, in order of preference: ipc,zmq",
+                                         default="ipc,zmq")  # fmt: skip
+    pd_fallback: str = _flag("when a remote prefill fails: recompute locally, or fail (503)",
+                             default="local", choices=("local", "fail"))  # fmt: skip
+    pd_timeout: float = _flag("seconds a decode node waits for a prefill node", default=60.0)
+    kv_checksum: bool = _flag("checksum every KV layer frame", default=False)
     timeout_graceful_shutdown: float = _flag("seconds SIGTERM waits for in-flight requests",
                                              default=10.0)  # fmt: skip
     speculative_config: str | None = _flag("speculative decoding JSON", default=None)

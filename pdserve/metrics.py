@@ -49,6 +49,12 @@ class NodeMetrics:
                                 "(cumulative)", registry=r)  # fmt: skip
         self.swapped_out = Gauge(p + "swap_out_blocks", "Prefix blocks saved to the host tier "
                                  "(cumulative)", registry=r)  # fmt: skip
+        self.pd_fallback = Counter(p + "pd_fallback", "Remote prefills that failed and were "
+                                   "recomputed locally", registry=r)  # fmt: skip
+        self.kv_bytes_received = Counter(p + "kv_bytes_received", "KV bytes received from "
+                                         "prefill nodes", registry=r)  # fmt: skip
+        self.kv_bytes_sent = Counter(p + "kv_bytes_sent", "KV bytes pushed to decode nodes",
+                                     registry=r)  # fmt: skip
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tpot = Histogram(p + "time_per_output_token_seconds", "Time between output tokens",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -13,7 +15,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import ModelRunner, SeqChunk
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import sample
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from pdserve.engine_config import EngineConfig
 from pdserve.model.ernie45_moe import ErnieMoeForCausalLM, load_model
 from pdserve.model.tiny import resolve_model_path
@@ -47,6 +49,14 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens found in the prefix cache
 
 
+class StepHooks(Protocol):
+    """What the prefill role adds to a step: a per-layer callback and held-back outputs."""
+
+    def layer_hook(self, plan: StepPlan) -> Callable[[int], None] | None: ...
+
+    def after_step(self, plan: StepPlan, outputs: list[RequestOutput]) -> list[RequestOutput]: ...
+
+
 class EngineCore:
     """A model, its KV pool, a block manager and a scheduler, driven one step at a time."""
 
@@ -59,12 +69,16 @@ class EngineCore:
         scheduler_config: SchedulerConfig,
         enable_prefix_caching: bool = True,
         num_host_blocks: int = 0,
+        kv_cache: Any = None,
     ) -> None:
-        self.runner = ModelRunner(model, ops, num_blocks, block_size, num_host_blocks)
+        self.runner = ModelRunner(model, ops, num_blocks, block_size, num_host_blocks, kv_cache)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # disaggregation: the prefill role's KV pusher (layer hook, held-back outputs)
+        self.pusher: StepHooks | None = None
+        self.remote_admitted: list[Request] = []  # decode role: blocks held, awaiting KV
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -86,6 +100,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
+        self.remote_admitted.extend(plan.remote_admitted)
         self.runner.copy_blocks(plan.copies)
         if not plan:
             return []
@@ -93,38 +108,39 @@ class EngineCore:
             SeqChunk(r.token_ids, r.num_computed_tokens, n, r.block_ids)
             for r, n in zip(plan.requests, plan.num_new_tokens)
         ]
-        logits = self.runner.execute(chunks)  # [S, V], one row per chunk's last token
+        hook = self.pusher.layer_hook(plan) if self.pusher else None
+        logits = self.runner.execute(chunks, hook)  # [S, V], one row per chunk's last token
         ready = []  # rows whose chunk reaches the end of the request's tokens: sample those
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             req.num_computed_tokens += n
             self.blocks.cache_blocks(req)
             if req.num_computed_tokens == req.num_tokens:
                 ready.append(i)
-        if not ready:
-            return []
-        sampled = sample(logits[ready], [plan.requests[i].sampling for i in ready])
         outputs = []
-        max_len = self.scheduler.config.max_model_len
-        for j, i in enumerate(ready):
-            req = plan.requests[i]
-            token = int(sampled.token_ids[j])
-            req.append_token(token)
-            status = req.check_stop(max_len)
-            if status is not None:
-                self.scheduler.finish(req, status)
-                del self.requests[req.request_id]
-            outputs.append(
-                RequestOutput(
-                    req.request_id,
-                    token,
-                    float(sampled.logprobs[j]),
-                    sampled.top_logprobs[j],
-                    status.finish_reason if status is not None else None,
-                    req.num_prompt_tokens,
-                    req.num_cached_tokens,
-                )
-            )
+        if ready:
+            sampled = sample(logits[ready], [plan.requests[i].sampling for i in ready])
+            for j, i in enumerate(ready):
+                outputs.append(self.accept_token(plan.requests[i], int(sampled.token_ids[j]),
+                                                 float(sampled.logprobs[j]),
+                                                 sampled.top_logprobs[j]))  # fmt: skip
+        if self.pusher is not None:
+            outputs = self.pusher.after_step(plan, outputs)
         return outputs
+
+    def accept_token(
+        self, req: Request, token: int, logprob: float, top: tuple[np.ndarray, np.ndarray] | None
+    ) -> RequestOutput:
+        """Append a sampled token to a request, finishing it if the token ends it."""
+        req.append_token(token)
+        status = req.check_stop(self.scheduler.config.max_model_len)
+        if status is not None:
+            self.scheduler.finish(req, status)
+            del self.requests[req.request_id]
+        return RequestOutput(
+            req.request_id, token, logprob, top,
+            status.finish_reason if status is not None else None,
+            req.num_prompt_tokens, req.num_cached_tokens,
+        )  # fmt: skip
 
 
 def build_engine_core(config: EngineConfig) -> EngineCore:

@@ -26,12 +26,27 @@ class _Msg(BaseModel):
     TYPE: ClassVar[str] = ""
 
 
+class KVPushSpec(_Msg):
+    """Prefill role: where to push a prompt's KV (one decode rank)."""
+
+    transfer_id: str
+    zmq_endpoint: str  # the decode rank's KV receiver, tcp://host:port
+    shm_name: str = ""  # its pool in POSIX shared memory, when it shares our host
+    host_id: str = ""
+    block_ids: list[int]  # destination blocks, one per prompt block from first_block on
+    first_block: int  # prompt blocks before this one the decode node has cached
+    checksum: bool = False
+
+
 class AddRequest(_Msg):
     TYPE: ClassVar[str] = "add"
     request_id: str
     prompt_token_ids: list[int]
     params: dict[str, Any]  # SamplingParams fields; SamplingParams(**params) validates them
     eos_token_ids: list[int] = Field(default_factory=list)
+    remote_prefill: bool = False  # decode role: hold blocks, the prompt's KV comes from afar
+    transfer_id: str = ""  # decode role: the id the KV frames will carry
+    kv_push: KVPushSpec | None = None  # prefill role
 
 
 class AbortRequests(_Msg):
@@ -83,6 +98,7 @@ class RequestFailed(_Msg):
     TYPE: ClassVar[str] = "failed"
     request_id: str
     message: str
+    unavailable: bool = False  # a serving failure (HTTP 503), not bad input (400)
 
 
 class EngineReady(_Msg):
@@ -90,13 +106,51 @@ class EngineReady(_Msg):
     num_blocks: int
     block_size: int
     max_model_len: int
+    kv_shm_name: str = ""  # decode role: the KV pool's shared-memory name
+    host_id: str = ""
+    kv_dtype: str = "float32"
 
 
-Message = AddRequest | AbortRequests | Shutdown | StepOutputs | RequestFailed | EngineReady
-_TYPES: dict[str, type[_Msg]] = {
-    cls.TYPE: cls
-    for cls in (AddRequest, AbortRequests, Shutdown, StepOutputs, RequestFailed, EngineReady)
-}
+class RemoteKVReady(_Msg):
+    """Decode role: blocks are held for a remote prefill; these are the destinations."""
+
+    TYPE: ClassVar[str] = "remote_ready"
+    request_id: str
+    transfer_id: str
+    first_block: int
+    block_ids: list[int]
+    num_cached_tokens: int
+
+
+class RemotePrefillDone(_Msg):
+    """Decode role, from the frontend: the prefill node replied (ok) or failed."""
+
+    TYPE: ClassVar[str] = "remote_done"
+    request_id: str
+    ok: bool
+    token_id: int = 0
+    logprob: float = 0.0
+    fallback_local: bool = True  # when not ok: recompute here, else fail the request
+
+
+class PrefillDone(_Msg):
+    """Prefill role: the prompt's KV is acknowledged by the decode node (ok) or not."""
+
+    TYPE: ClassVar[str] = "prefill_done"
+    request_id: str
+    ok: bool
+    error: str = ""
+    output: TokenOut | None = None
+    kv_bytes: int = 0
+
+
+_ALL = (AddRequest, AbortRequests, Shutdown, StepOutputs, RequestFailed, EngineReady,
+        RemoteKVReady, RemotePrefillDone, PrefillDone)  # fmt: skip
+Message = (
+    AddRequest | AbortRequests | Shutdown | StepOutputs | RequestFailed | EngineReady
+    | RemoteKVReady | RemotePrefillDone | PrefillDone
+)  # fmt: skip
+_TYPES: dict[str, type[_Msg]] = {cls.TYPE: cls for cls in _ALL}
 
 
 def encode(msg: Message) -> bytes:

@@ -5,8 +5,9 @@ The only engine module that builds arrays: schedulers hand it plain `SeqChunk`s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,12 +42,16 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         num_host_blocks: int = 0,
+        kv_cache: Any = None,
     ) -> None:
         self.model = model
         self.ops = ops
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_cache = ops.alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size))
+        shape = model.kv_cache_shape(num_blocks, block_size)
+        # a pool allocated by the caller (shared memory on a decode node) or a fresh one
+        self.kv_cache = ops.alloc_kv_cache(shape) if kv_cache is None else kv_cache
+        assert tuple(self.kv_cache.shape) == shape, "KV pool of the wrong shape"
         # the --swap-space tier: host memory, same layout
         self.host_cache = np.zeros(model.kv_cache_shape(num_host_blocks, block_size), np.float32)
 
@@ -106,8 +111,12 @@ class ModelRunner:
             seq_lens_host=lens,
         )
 
-    def execute(self, chunks: Sequence[SeqChunk]) -> np.ndarray:
-        """Run one forward pass; logits [L, V] float32 on the host, in chunk order."""
+    def execute(
+        self, chunks: Sequence[SeqChunk], after_layer: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        """Run one forward pass; logits [L, V] float32 on the host, in chunk order.
+        `after_layer(i)` runs once layer i's KV of this batch is in the pool."""
         batch = self.build_batch(chunks)
+        batch.after_layer = after_layer
         logits = self.model.forward(batch, self.kv_cache)
         return self.ops.to_host(logits).astype(np.float32, copy=False)

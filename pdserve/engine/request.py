@@ -62,6 +62,10 @@ class Request:
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.sampling = SamplingState.create(params, prompt_token_ids, eos_token_ids)
+        # disaggregation: on a decode node, the prompt's KV comes from a prefill node
+        self.remote_prefill = False
+        # on a prefill node: where to push the prompt's KV (a kvtransfer job), else None
+        self.kv_push: object | None = None
 
     @property
     def num_tokens(self) -> int:

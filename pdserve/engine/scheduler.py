@@ -43,6 +43,8 @@ class StepPlan:
     # KV block copies between the device pool and the host tier, to run in order before the
     # forward pass: (SWAP_OUT, block, slot) or (SWAP_IN, slot, block)
     copies: list[tuple[int, int, int]] = field(default_factory=list)
+    # requests given blocks this step that wait for their prompt's KV from a prefill node
+    remote_admitted: list[Request] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -58,10 +60,16 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.remote: list[Request] = []  # WAITING_FOR_REMOTE_KV: blocks held, nothing to compute
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.remote)
+
+    @property
+    def has_compute(self) -> bool:
+        """Whether a step would compute anything (remote waits alone need no steps)."""
+        return bool(self.running or self.waiting)
 
     def add(self, req: Request) -> None:
         if req.num_tokens + req.params.max_tokens > self.config.max_model_len:
@@ -105,11 +113,21 @@ class Scheduler:
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         # rounded first so that 10 blocks at 0.8 reserve 2, not int(1.9999999999999996)
         reserve = int(round(self.blocks.num_blocks * (1.0 - self.config.kv_cache_ratio), 9))
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) + len(self.remote) < self.config.max_num_seqs:
             req = self.waiting[0]
             prefix = self.blocks.match_prefix(req)
             host_hits = self.blocks.match_host(req, len(prefix))
             n = req.num_tokens - (len(prefix) + len(host_hits)) * self.blocks.block_size
+            if req.remote_prefill:  # blocks for the whole prompt, no compute: no budget needed
+                if not self.blocks.admit(req, prefix, n, reserve, host_hits):
+                    break
+                self.waiting.popleft()
+                req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+                self.remote.append(req)
+                plan.remote_admitted.append(req)
+                continue
+            if budget == 0:
+                break
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
@@ -131,10 +149,21 @@ class Scheduler:
         self.waiting.appendleft(req)
         plan.preempted.append(req)
 
+    def activate_remote(self, req: Request, num_valid_tokens: int) -> None:
+        """A remote-prefilled request whose KV landed (num_valid_tokens = its prompt), or whose
+        prefill failed and is recomputed here from its valid prefix: run it from now on."""
+        self.remote.remove(req)
+        req.remote_prefill = False
+        req.num_computed_tokens = num_valid_tokens
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request (stopped, length or aborted) wherever it is and free its blocks."""
         if req in self.running:
             self.running.remove(req)
+        elif req in self.remote:
+            self.remote.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.blocks.release(req)

@@ -129,6 +129,8 @@ class ErnieMoeForCausalLM:
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, kv_cache[i], batch)
+            if batch.after_layer is not None:
+                batch.after_layer(i)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps)
         x = x[batch.logits_indices]  # [L, H]
         return self.ops.linear(x, self.lm_head)  # [L, V]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ class ForwardBatch:
     # Host copies of query_start_loc and seq_lens, for backends that loop over sequences on the CPU.
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
+    # Called with the layer index once that layer's KV for this batch is in the pool: a prefill
+    # node pushes it to the decode node while the next layers compute.
+    after_layer: Callable[[int], None] | None = None
 
     @property
     def num_tokens(self) -> int:

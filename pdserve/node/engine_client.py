@@ -11,8 +11,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, fields
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, fields
 
 import zmq
 import zmq.asyncio
@@ -119,7 +119,12 @@ class ZmqEngineClient:
             elif isinstance(msg, m.RequestFailed):
                 q = self.queues.get(msg.request_id)
                 if q is not None:
-                    q.put_nowait(RequestRejected(msg.message))
+                    err = EngineDeadError if msg.unavailable else RequestRejected
+                    q.put_nowait(err(msg.message))
+            elif isinstance(msg, (m.RemoteKVReady, m.PrefillDone)):
+                q = self.queues.get(msg.request_id)
+                if q is not None:
+                    q.put_nowait(msg)
 
     async def _watch(self) -> None:
         assert self.proc is not None
@@ -133,8 +138,14 @@ class ZmqEngineClient:
             self.on_death(code)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        remote: RemotePrefill | None = None,
     ) -> AsyncIterator[TokenDelta]:
+        """Stream a request's tokens. With `remote` (a decode node), the engine first holds
+        blocks for the prompt, `remote` has a prefill node fill them, then decoding starts."""
         if self.dead or self.ready is None:
             raise EngineDeadError("the engine is not running")
         if request_id in self.queues:
@@ -148,14 +159,21 @@ class ZmqEngineClient:
         try:
             await self._send(m.AddRequest(
                 request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                params=asdict(params) | {"stop_token_ids": list(params.stop_token_ids)},
-                eos_token_ids=list(self.eos_token_ids),
+                params=_params_dict(params), eos_token_ids=list(self.eos_token_ids),
+                remote_prefill=remote is not None,
+                transfer_id=f"{request_id}/{uuid.uuid4().hex[:8]}" if remote else "",
             ))  # fmt: skip
             while True:
                 item = await q.get()
                 if isinstance(item, Exception):
                     finished = True  # the engine holds nothing for it any more
                     raise item
+                if isinstance(item, m.RemoteKVReady):
+                    assert remote is not None
+                    await self._remote_prefill(item, remote)
+                    continue
+                if isinstance(item, m.PrefillDone):
+                    continue
                 now = time.monotonic()
                 (mx.tpot if num_tokens else mx.ttft).observe(now - last)
                 last, num_tokens = now, num_tokens + len(item.token_ids)
@@ -171,6 +189,52 @@ class ZmqEngineClient:
         finally:
             self.queues.pop(request_id, None)
             if not finished and not self.dead:
+                await self.abort(request_id)
+
+    async def _remote_prefill(self, ready: m.RemoteKVReady, remote: RemotePrefill) -> None:
+        try:
+            result = await remote(ready)
+        except Exception as e:  # a dead, slow or broken prefill node: fall back or fail
+            logger.warning("remote prefill of %s failed: %s", ready.request_id, e)
+            result = RemoteResult(ok=False, error=str(e))
+        if result.ok:
+            self.metrics.kv_bytes_received.inc(result.kv_bytes)
+        elif self.config.pd_fallback == "local":
+            self.metrics.pd_fallback.inc()
+        await self._send(m.RemotePrefillDone(
+            request_id=ready.request_id, ok=result.ok, token_id=result.token_id,
+            logprob=result.logprob, fallback_local=self.config.pd_fallback == "local",
+        ))  # fmt: skip
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        push: m.KVPushSpec,
+    ) -> m.PrefillDone:  # fmt: skip
+        """Prefill role: compute the prompt, push its KV, return once it is acknowledged."""
+        if self.dead or self.ready is None:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self.queues:
+            raise RequestRejected(f"request id {request_id!r} is already in flight")
+        q: asyncio.Queue[TokenDelta | Exception | m.Message] = asyncio.Queue()
+        self.queues[request_id] = q
+        done = False
+        try:
+            await self._send(m.AddRequest(
+                request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                params=_params_dict(params) | {"max_tokens": 1, "min_tokens": 0},
+                eos_token_ids=list(self.eos_token_ids), kv_push=push,
+            ))  # fmt: skip
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                if isinstance(item, m.PrefillDone):
+                    done = True
+                    return item
+        finally:
+            self.queues.pop(request_id, None)
+            if not done and not self.dead:
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
@@ -198,6 +262,24 @@ class ZmqEngineClient:
             with contextlib.suppress(OSError):
                 os.unlink(addr[len("ipc://") :])
         return self.proc.returncode if self.proc else None
+
+
+@dataclass
+class RemoteResult:
+    """What a decode node's prefill call came back with."""
+
+    ok: bool
+    token_id: int = 0
+    logprob: float = 0.0
+    kv_bytes: int = 0
+    error: str = ""
+
+
+RemotePrefill = Callable[[m.RemoteKVReady], Awaitable[RemoteResult]]
+
+
+def _params_dict(params: SamplingParams) -> dict:
+    return asdict(params) | {"stop_token_ids": list(params.stop_token_ids)}
 
 
 def _delta(out: m.TokenOut) -> TokenDelta:

@@ -1,0 +1,216 @@
+"""The engine's side of prefill/decode disaggregation (DESIGN.md section 2).
+
+Prefill role: a request carries a `KVPush`; every step that computes part of its prompt sends,
+layer by layer as the forward pass writes them, the prompt blocks the step touched to the decode
+node's blocks; once the first token is sampled the transfer is closed and the request's result
+waits for the receiver's acknowledgement (every byte landed) before it is reported.
+
+Decode role: a request admitted with `remote_prefill` holds blocks for its whole prompt and waits
+(WAITING_FOR_REMOTE_KV) while the receiver collects its layers; when the frontend reports the
+prefill node's first token, the request starts decoding from it, or, if the transfer did not
+complete, recomputes its prompt locally from the blocks it already had.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdserve.engine.engine_core import EngineCore, RequestOutput
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import StepPlan
+
+logger = logging.getLogger("pdserve.engine")
+
+
+@dataclass
+class KVPush:
+    """Prefill side: where one request's prompt KV goes. Block indices count prompt blocks."""
+
+    transfer_id: str
+    first_block: int  # the first prompt block the decode node still needs
+    num_prompt_blocks: int
+    sent_upto: int  # prompt blocks [first_block, sent_upto) are final at the destination
+
+
+@dataclass
+class PrefillResult:
+    """Prefill side: what the frontend replies to `Prefill` with, once the transfer is acked."""
+
+    request_id: str
+    ok: bool
+    error: str
+    output: RequestOutput | None
+    kv_bytes: int
+
+
+class PrefillHandoff:
+    def __init__(self, core: EngineCore, sender, ack_timeout_s: float = 30.0) -> None:
+        self.core = core
+        self.sender = sender
+        self.ack_timeout_s = ack_timeout_s
+        self.num_layers = core.runner.model.config.num_hidden_layers
+        self.pushing: dict[str, Request] = {}  # request id -> request with a KVPush
+        self.unacked: dict[str, tuple[RequestOutput, float, int]] = {}  # transfer id -> ...
+        self.done: list[PrefillResult] = []
+
+    def start(self, req: Request, transfer_id: str, destination, first_block: int) -> None:
+        num_blocks = self.core.blocks.blocks_needed(req.num_prompt_tokens)
+        if not 0 <= first_block < num_blocks:
+            raise ValueError(f"first_block {first_block} outside the prompt's {num_blocks} blocks")
+        if len(destination.block_ids) != num_blocks - first_block:
+            raise ValueError(f"{len(destination.block_ids)} destination blocks for "
+                             f"{num_blocks - first_block} prompt blocks")  # fmt: skip
+        req.kv_push = KVPush(transfer_id, first_block, num_blocks, first_block)
+        self.sender.start(transfer_id, destination)
+        self.pushing[req.request_id] = req
+
+    def layer_hook(self, plan: StepPlan) -> Callable[[int], None] | None:
+        """What to send as each layer of this step's forward pass completes."""
+        bs = self.core.blocks.block_size
+        jobs = []
+        for req, n in zip(plan.requests, plan.num_new_tokens):
+            push = req.kv_push
+            if not isinstance(push, KVPush):
+                continue
+            end = min(-(-(req.num_computed_tokens + n) // bs), push.num_prompt_blocks)
+            if end > push.sent_upto:
+                src = req.block_ids[push.sent_upto : end]
+                jobs.append((push.transfer_id, src, push.sent_upto - push.first_block))
+        if not jobs:
+            return None
+        kv = self.core.runner.kv_cache
+
+        def hook(layer: int) -> None:
+            for tid, src, offset in jobs:
+                self.sender.send_layer(tid, layer, kv, src, offset)
+
+        return hook
+
+    def after_step(self, plan: StepPlan, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Advance what is final at the destinations; hold back the outputs of pushed requests
+        (their first token) until their transfer is acknowledged."""
+        bs = self.core.blocks.block_size
+        for req in plan.requests:
+            if isinstance(req.kv_push, KVPush):
+                req.kv_push.sent_upto = max(req.kv_push.sent_upto, req.num_computed_tokens // bs)
+        kept = []
+        for out in outputs:
+            req = self.pushing.pop(out.request_id, None)
+            if req is None:
+                kept.append(out)
+                continue
+            push = req.kv_push
+            assert isinstance(push, KVPush)
+            self.sender.finish(push.transfer_id, self.num_layers,
+                               push.num_prompt_blocks - push.first_block)  # fmt: skip
+            deadline = time.monotonic() + self.ack_timeout_s
+            self.unacked[push.transfer_id] = (out, deadline, 0)
+        return kept
+
+    def poll(self) -> list[PrefillResult]:
+        for ack in self.sender.poll_acks():
+            entry = self.unacked.pop(ack.transfer_id, None)
+            if entry is None:
+                continue
+            out = entry[0]
+            self.done.append(
+                PrefillResult(
+                    out.request_id,
+                    ack.ok,
+                    ack.error,
+                    out if ack.ok else None,
+                    self.sender.transfer_bytes(ack.transfer_id),
+                )
+            )
+        now = time.monotonic()
+        for tid, (out, deadline, _) in list(self.unacked.items()):
+            if now > deadline:
+                del self.unacked[tid]
+                self.sender.abort(tid)
+                self.done.append(
+                    PrefillResult(
+                        out.request_id, False, "no acknowledgement from the decode node", None, 0
+                    )
+                )
+        done, self.done = self.done, []
+        return done
+
+    def abort(self, request_id: str) -> None:
+        req = self.pushing.pop(request_id, None)
+        if req is not None and isinstance(req.kv_push, KVPush):
+            self.sender.abort(req.kv_push.transfer_id)
+        for tid, (out, _, _) in list(self.unacked.items()):
+            if out.request_id == request_id:
+                del self.unacked[tid]
+                self.sender.abort(tid)
+
+
+@dataclass
+class RemoteWait:
+    """Decode side: a request waiting for its prompt's KV."""
+
+    req: Request
+    transfer_id: str
+    first_block: int  # prompt blocks before this one were already cached here
+
+
+class DecodeHandoff:
+    def __init__(self, core: EngineCore, receiver) -> None:
+        self.core = core
+        self.receiver = receiver
+        self.num_layers = core.runner.model.config.num_hidden_layers
+        self.waiting: dict[str, RemoteWait] = {}  # request id ->
+        self.landed: dict[str, int] = {}  # transfer id -> bytes, transfers complete and acked
+        self.bytes_received = 0
+
+    def admitted(self, req: Request, transfer_id: str) -> RemoteWait:
+        """Blocks are held: expect the prompt blocks not already cached here."""
+        bs = self.core.blocks.block_size
+        first = req.num_computed_tokens // bs
+        num_blocks = self.core.blocks.blocks_needed(req.num_prompt_tokens)
+        self.receiver.expect(transfer_id, req.block_ids[first:num_blocks], self.num_layers)
+        wait = RemoteWait(req, transfer_id, first)
+        self.waiting[req.request_id] = wait
+        return wait
+
+    def poll(self) -> None:
+        for result in self.receiver.poll():
+            if result.ok:
+                self.landed[result.transfer_id] = result.bytes
+                self.bytes_received += result.bytes
+            else:
+                logger.warning("KV transfer %s failed: %s", result.transfer_id, result.error)
+
+    def complete(self, request_id: str, first_token: int, logprob: float) -> RequestOutput | None:
+        """The prefill node's reply arrived: start decoding from its first token. Returns the
+        first token's output, or None when the KV did not land (the caller falls back)."""
+        wait = self.waiting.get(request_id)
+        if wait is None or wait.transfer_id not in self.landed:
+            return None
+        del self.waiting[request_id]
+        self.landed.pop(wait.transfer_id)
+        req = wait.req
+        core = self.core
+        core.scheduler.activate_remote(req, req.num_prompt_tokens)
+        core.blocks.cache_blocks(req)
+        return core.accept_token(req, first_token, logprob, None)
+
+    def fallback(self, request_id: str) -> bool:
+        """Recompute the prompt here, from the prefix that was cached before the transfer."""
+        wait = self.waiting.pop(request_id, None)
+        if wait is None:
+            return False
+        self.receiver.cancel(wait.transfer_id)
+        self.landed.pop(wait.transfer_id, None)
+        bs = self.core.blocks.block_size
+        self.core.scheduler.activate_remote(wait.req, wait.first_block * bs)
+        return True
+
+    def abort(self, request_id: str) -> None:
+        wait = self.waiting.pop(request_id, None)
+        if wait is not None:
+            self.receiver.cancel(wait.transfer_id)
+            self.landed.pop(wait.transfer_id, None)
