@@ -100,6 +100,14 @@ class EngineConfig:
             raise ValueError(f"without chunked prefill, --max-num-batched-tokens "
                              f"({self.batched_tokens}) must be >= --max-model-len "
                              f"({self.max_model_len})")  # fmt: skip
+        if self.innode_prefill_ports and self.splitwise_role != "decode":
+            raise ValueError("--innode-prefill-ports is for decode nodes (--splitwise-role decode)")
+        protocols = self.cache_transfer_protocol.split(",")
+        if not protocols or not set(protocols) <= {"ipc", "zmq"}:
+            raise ValueError(f"--cache-transfer-protocol {self.cache_transfer_protocol!r}: "
+                             "use ipc, zmq or ipc,zmq")  # fmt: skip
+        if self.pd_timeout <= 0:
+            raise ValueError("--pd-timeout must be > 0 seconds")
         if self.timeout_graceful_shutdown < 0:
             raise ValueError("--timeout-graceful-shutdown must be >= 0 seconds")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -109,7 +117,6 @@ class EngineConfig:
     def _refuse_unbuilt(self) -> None:
         """Accepted for FastDeploy compatibility, not implemented yet: say so."""
         unbuilt = {
-            "splitwise_role": self.splitwise_role != "mixed",
             "tensor_parallel_size": self.tensor_parallel_size != 1,
             "quantization": self.quantization not in (None, "none"),
             "speculative_config": self.speculative_config is not None,

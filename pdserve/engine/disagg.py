@@ -14,7 +14,6 @@ complete, recomputes its prompt locally from the blocks it already had.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,8 +52,8 @@ class PrefillHandoff:
         self.ack_timeout_s = ack_timeout_s
         self.num_layers = core.runner.model.config.num_hidden_layers
         self.pushing: dict[str, Request] = {}  # request id -> request with a KVPush
-        self.unacked: dict[str, tuple[RequestOutput, float, int]] = {}  # transfer id -> ...
-        self.done: list[PrefillResult] = []
+        self.unacked: dict[str, RequestOutput] = {}  # transfer id -> the held-back first token
+        self.sent: dict[str, int] = {}  # transfer id -> KV bytes sent so far
 
     def start(self, req: Request, transfer_id: str, destination, first_block: int) -> None:
         num_blocks = self.core.blocks.blocks_needed(req.num_prompt_tokens)
@@ -64,8 +63,9 @@ class PrefillHandoff:
             raise ValueError(f"{len(destination.block_ids)} destination blocks for "
                              f"{num_blocks - first_block} prompt blocks")  # fmt: skip
         req.kv_push = KVPush(transfer_id, first_block, num_blocks, first_block)
-        self.sender.start(transfer_id, destination)
+        self.sender.start(transfer_id, destination, timeout_s=self.ack_timeout_s)
         self.pushing[req.request_id] = req
+        self.sent[transfer_id] = 0
 
     def layer_hook(self, plan: StepPlan) -> Callable[[int], None] | None:
         """What to send as each layer of this step's forward pass completes."""
@@ -85,7 +85,7 @@ class PrefillHandoff:
 
         def hook(layer: int) -> None:
             for tid, src, offset in jobs:
-                self.sender.send_layer(tid, layer, kv, src, offset)
+                self.sent[tid] += self.sender.send_layer(tid, layer, kv, src, offset)
 
         return hook
 
@@ -106,46 +106,36 @@ class PrefillHandoff:
             assert isinstance(push, KVPush)
             self.sender.finish(push.transfer_id, self.num_layers,
                                push.num_prompt_blocks - push.first_block)  # fmt: skip
-            deadline = time.monotonic() + self.ack_timeout_s
-            self.unacked[push.transfer_id] = (out, deadline, 0)
+            self.unacked[push.transfer_id] = out
         return kept
 
     def poll(self) -> list[PrefillResult]:
+        """Transfers acknowledged (or failed, or timed out) since the last poll."""
+        results = []
         for ack in self.sender.poll_acks():
-            entry = self.unacked.pop(ack.transfer_id, None)
-            if entry is None:
-                continue
-            out = entry[0]
-            self.done.append(
-                PrefillResult(
-                    out.request_id,
-                    ack.ok,
-                    ack.error,
-                    out if ack.ok else None,
-                    self.sender.transfer_bytes(ack.transfer_id),
-                )
-            )
-        now = time.monotonic()
-        for tid, (out, deadline, _) in list(self.unacked.items()):
-            if now > deadline:
-                del self.unacked[tid]
-                self.sender.abort(tid)
-                self.done.append(
-                    PrefillResult(
-                        out.request_id, False, "no acknowledgement from the decode node", None, 0
-                    )
-                )
-        done, self.done = self.done, []
-        return done
+            out = self.unacked.pop(ack.transfer_id, None)
+            sent = self.sent.pop(ack.transfer_id, 0)
+            if out is not None:
+                results.append(PrefillResult(out.request_id, ack.ok, ack.error,
+                                             out if ack.ok else None, sent))  # fmt: skip
+        return results
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.unacked)
 
     def abort(self, request_id: str) -> None:
         req = self.pushing.pop(request_id, None)
         if req is not None and isinstance(req.kv_push, KVPush):
-            self.sender.abort(req.kv_push.transfer_id)
-        for tid, (out, _, _) in list(self.unacked.items()):
+            self._drop(req.kv_push.transfer_id)
+        for tid, out in list(self.unacked.items()):
             if out.request_id == request_id:
-                del self.unacked[tid]
-                self.sender.abort(tid)
+                self._drop(tid)
+
+    def _drop(self, transfer_id: str) -> None:
+        self.unacked.pop(transfer_id, None)
+        self.sent.pop(transfer_id, None)
+        self.sender.abort(transfer_id)
 
 
 @dataclass
@@ -197,6 +187,20 @@ class DecodeHandoff:
         core.scheduler.activate_remote(req, req.num_prompt_tokens)
         core.blocks.cache_blocks(req)
         return core.accept_token(req, first_token, logprob, None)
+
+    def retarget(self, request_id: str, transfer_id: str) -> RemoteWait | None:
+        """Expect the prompt's KV under a new transfer id (a retry on another prefill node);
+        frames of the old one are dropped from now on."""
+        wait = self.waiting.get(request_id)
+        if wait is None:
+            return None
+        self.receiver.cancel(wait.transfer_id)
+        self.landed.pop(wait.transfer_id, None)
+        wait.transfer_id = transfer_id
+        req = wait.req
+        n = self.core.blocks.blocks_needed(req.num_prompt_tokens)
+        self.receiver.expect(transfer_id, req.block_ids[wait.first_block : n], self.num_layers)
+        return wait
 
     def fallback(self, request_id: str) -> bool:
         """Recompute the prompt here, from the prefix that was cached before the transfer."""

@@ -143,8 +143,11 @@ class EngineCore:
         )  # fmt: skip
 
 
-def build_engine_core(config: EngineConfig) -> EngineCore:
-    """Load the model of a node's EngineConfig and size its KV pool."""
+def build_engine_core(
+    config: EngineConfig, kv_pool: Callable[[tuple[int, ...]], Any] | None = None
+) -> EngineCore:
+    """Load the model of a node's EngineConfig and size its KV pool; `kv_pool(shape)` may
+    provide the pool's memory (shared memory on a decode node)."""
     ops = get_ops(config.backend)
     model = load_model(resolve_model_path(config.model), ops, progress=False)
     c = model.config
@@ -162,5 +165,6 @@ def build_engine_core(config: EngineConfig) -> EngineCore:
         kv_cache_ratio=config.kv_cache_ratio,
     )
     num_host_blocks = int(config.swap_space * 2**30) // kv_block_bytes(c, config.block_size)
+    pool = kv_pool(model.kv_cache_shape(num_blocks, config.block_size)) if kv_pool else None
     return EngineCore(model, ops, num_blocks, config.block_size, sched,
-                      config.enable_prefix_caching, num_host_blocks)  # fmt: skip
+                      config.enable_prefix_caching, num_host_blocks, pool)  # fmt: skip

@@ -20,10 +20,12 @@ import time
 import zmq
 
 from pdserve.engine import messages as m
-from pdserve.engine.engine_core import EngineCore, RequestOutput, build_engine_core
+from pdserve.engine.engine_core import EngineCore, build_engine_core
+from pdserve.engine.pd_roles import make_role, token_out
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
+from pdserve.kvtransfer.shm_pool import host_id
 from pdserve.log import setup_logging
 
 logger = logging.getLogger("pdserve.engine")
@@ -49,15 +51,21 @@ class EngineProcess:
         self.peers = self.ctx.socket(zmq.ROUTER)
         self.peers.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
         self.peers.bind(f"tcp://{config.internal_host}:{config.engine_worker_queue_port}")
-        self.core: EngineCore = build_engine_core(config)
+        self.role = make_role(config)
+        self.core: EngineCore = build_engine_core(config, self.role.kv_pool)
+        self.poller = zmq.Poller()
+        self.poller.register(self.inbox, zmq.POLLIN)
+        self.poller.register(self.peers, zmq.POLLIN)
+        self.role.attach(self.core, self.ctx, self.poller)
         c, blocks, runner = self.core.runner.model.config, self.core.blocks, self.core.runner
         logger.info(
             "engine ready: %s (%d layers, %d experts top-%d), backend %s, KV pool %d blocks of %d "
-            "tokens (%.1f MiB), host tier %d blocks, prefix caching %s, chunked prefill %s",
+            "tokens (%.1f MiB), host tier %d blocks, prefix caching %s, chunked prefill %s, "
+            "role %s",
             config.model, c.num_hidden_layers, c.moe_num_experts, c.moe_k, runner.ops.name,
             blocks.num_blocks, blocks.block_size, runner.kv_cache.nbytes / 2**20,
             blocks.host.num_slots if blocks.host else 0, config.enable_prefix_caching,
-            config.enable_chunked_prefill,
+            config.enable_chunked_prefill, config.splitwise_role,
         )  # fmt: skip
         self.parent = os.getppid()
         self.drain_deadline: float | None = None
@@ -65,22 +73,25 @@ class EngineProcess:
     def run(self) -> None:
         c = self.core
         self._send(m.EngineReady(num_blocks=c.blocks.num_blocks, block_size=c.blocks.block_size,
-                                 max_model_len=c.scheduler.config.max_model_len))  # fmt: skip
-        poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
-        poller.register(self.peers, zmq.POLLIN)
+                                 max_model_len=c.scheduler.config.max_model_len,
+                                 kv_shm_name=self.role.kv_shm_name, host_id=host_id(),
+                                 kv_dtype=c.runner.kv_cache.dtype.name))  # fmt: skip
         last_stats = 0.0
         while True:
-            busy = self.core.has_unfinished()
-            events = dict(poller.poll(0 if busy else STATS_INTERVAL_S * 1000))
+            busy = self.core.scheduler.has_compute
+            # waiting on KV frames or acks: poll often, but do not spin
+            timeout = 0 if busy else 2 if self.role.waiting_on_network() else STATS_INTERVAL_S * 1e3
+            events = dict(self.poller.poll(timeout))
             if self.inbox in events:
                 self._drain_inbox()
             if self.peers in events:
-                self._reject_peer()
-            outputs = self.core.step() if self.core.has_unfinished() else []
+                self._answer_peer()
+            outputs = self.core.step() if self.core.scheduler.has_compute else []
+            for msg in self.role.after_step():
+                self._send(msg)
             now = time.monotonic()
             if outputs or now - last_stats > STATS_INTERVAL_S:
-                self._send(m.StepOutputs(outputs=[_token_out(o) for o in outputs],
+                self._send(m.StepOutputs(outputs=[token_out(o) for o in outputs],
                                          stats=self._stats()))  # fmt: skip
                 last_stats = now
             if self.drain_deadline is not None and (
@@ -106,7 +117,13 @@ class EngineProcess:
                 self._add(msg)
             elif isinstance(msg, m.AbortRequests):
                 for rid in msg.request_ids:
+                    self.role.abort(rid)
                     self.core.abort(rid)
+            elif isinstance(msg, (m.RemotePrefillDone, m.RemoteRetry)):
+                for reply in self.role.remote_done(msg):
+                    if isinstance(reply, m.StepOutputs):
+                        reply = m.StepOutputs(outputs=reply.outputs, stats=self._stats())
+                    self._send(reply)
             elif isinstance(msg, m.Shutdown):
                 self.drain_deadline = time.monotonic() + msg.drain_seconds
 
@@ -116,20 +133,29 @@ class EngineProcess:
                 raise ValueError("the node is shutting down")
             params = SamplingParams(**msg.params)
             req = Request(msg.request_id, msg.prompt_token_ids, params, tuple(msg.eos_token_ids))
-            self.core.add_request(req)
+            self.role.add(req, msg)
         except (TypeError, ValueError) as e:
             self._send(m.RequestFailed(request_id=msg.request_id, message=str(e)))
 
-    def _reject_peer(self) -> None:
+    def _answer_peer(self) -> None:
+        """In-host peers (a decode node given --innode-prefill-ports) ask who we are here."""
         try:
             frames = self.peers.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        logger.warning("engine-worker-queue: no peers are served yet; rejected %d frames",
-                       len(frames))  # fmt: skip
+        reply: dict = {"type": "error", "v": m.SCHEMA_VERSION, "message": "unknown request"}
+        try:
+            if len(frames) == 2 and m.msgpack.unpackb(frames[1]) == {"type": "info", "v": 1}:
+                c = self.config
+                reply = {"type": "info", "v": m.SCHEMA_VERSION, "role": c.splitwise_role,
+                         "pd_comm_port": c.pd_comm_port, "host": c.advertise_host
+                         or c.internal_host}  # fmt: skip
+        except (ValueError, m.msgpack.ExtraData, m.msgpack.FormatError, m.msgpack.StackError):
+            pass
+        if reply["type"] == "error":
+            logger.warning("engine-worker-queue: rejected a message of %d frames", len(frames))
         if len(frames) >= 2:
-            err = {"type": "error", "v": m.SCHEMA_VERSION, "message": "no peer protocol yet"}
-            self.peers.send_multipart([frames[0], m.msgpack.packb(err)])
+            self.peers.send_multipart([frames[0], m.msgpack.packb(reply)])
 
     def _stats(self) -> m.EngineStats:
         c = self.core
@@ -142,6 +168,11 @@ class EngineProcess:
             prefix_queries=c.blocks.prefix_queries,
             prefix_hits=c.blocks.prefix_hits,
             num_preemptions=c.num_preemptions,
+            queued_prefill_tokens=sum(
+                r.num_prompt_tokens - r.num_computed_tokens
+                for r in (*c.scheduler.waiting, *c.scheduler.running)
+                if r.num_computed_tokens < r.num_prompt_tokens
+            ),
             num_host_blocks=c.blocks.host.num_slots if c.blocks.host else 0,
             swapped_in=c.blocks.swapped_in,
             swapped_out=c.blocks.swapped_out,
@@ -152,20 +183,11 @@ class EngineProcess:
 
     def close(self) -> None:
         for rid in list(self.core.requests):
+            self.role.abort(rid)
             self.core.abort(rid)
         self._send(m.StepOutputs(outputs=[], stats=self._stats()))
+        self.role.close()
         self.ctx.destroy(linger=2000)
-
-
-def _token_out(o: RequestOutput) -> m.TokenOut:
-    top_ids = top_lps = None
-    if o.top_logprobs is not None:
-        top_ids, top_lps = o.top_logprobs[0].tolist(), o.top_logprobs[1].tolist()
-    return m.TokenOut(
-        request_id=o.request_id, token_id=o.token_id, logprob=o.logprob, top_ids=top_ids,
-        top_logprobs=top_lps, finish_reason=o.finish_reason,
-        num_prompt_tokens=o.num_prompt_tokens, num_cached_tokens=o.num_cached_tokens,
-    )  # fmt: skip
 
 
 def _die_with_parent() -> None:

@@ -81,6 +81,7 @@ class EngineStats(_Msg):
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     prefix_hits: int = 0  # of which found, cumulative
     num_preemptions: int = 0  # cumulative
+    queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet computed
     num_host_blocks: int = 0  # --swap-space tier size
     swapped_in: int = 0  # blocks brought back from the host tier, cumulative
     swapped_out: int = 0  # blocks saved to the host tier on eviction, cumulative
@@ -133,6 +134,15 @@ class RemotePrefillDone(_Msg):
     fallback_local: bool = True  # when not ok: recompute here, else fail the request
 
 
+class RemoteRetry(_Msg):
+    """Decode role, from the frontend: the prefill is retried elsewhere under a new transfer id;
+    the engine answers with RemoteKVReady once it expects that id (and drops the old one's)."""
+
+    TYPE: ClassVar[str] = "remote_retry"
+    request_id: str
+    transfer_id: str
+
+
 class PrefillDone(_Msg):
     """Prefill role: the prompt's KV is acknowledged by the decode node (ok) or not."""
 
@@ -145,10 +155,10 @@ class PrefillDone(_Msg):
 
 
 _ALL = (AddRequest, AbortRequests, Shutdown, StepOutputs, RequestFailed, EngineReady,
-        RemoteKVReady, RemotePrefillDone, PrefillDone)  # fmt: skip
+        RemoteKVReady, RemotePrefillDone, RemoteRetry, PrefillDone)  # fmt: skip
 Message = (
     AddRequest | AbortRequests | Shutdown | StepOutputs | RequestFailed | EngineReady
-    | RemoteKVReady | RemotePrefillDone | PrefillDone
+    | RemoteKVReady | RemotePrefillDone | RemoteRetry | PrefillDone
 )  # fmt: skip
 _TYPES: dict[str, type[_Msg]] = {cls.TYPE: cls for cls in _ALL}
 

@@ -64,6 +64,7 @@ class Request:
         self.sampling = SamplingState.create(params, prompt_token_ids, eos_token_ids)
         # disaggregation: on a decode node, the prompt's KV comes from a prefill node
         self.remote_prefill = False
+        self.transfer_id = ""  # the id its KV frames carry
         # on a prefill node: where to push the prompt's KV (a kvtransfer job), else None
         self.kv_push: object | None = None
 

@@ -63,6 +63,7 @@ class ZmqEngineClient:
         self.ready: m.EngineReady | None = None
         self.dead = False
         self.stopping = False
+        self.retargets: dict[str, asyncio.Future[m.RemoteKVReady]] = {}  # new transfer id ->
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -121,6 +122,8 @@ class ZmqEngineClient:
                 if q is not None:
                     err = EngineDeadError if msg.unavailable else RequestRejected
                     q.put_nowait(err(msg.message))
+            elif isinstance(msg, m.RemoteKVReady) and msg.transfer_id in self.retargets:
+                self.retargets.pop(msg.transfer_id).set_result(msg)
             elif isinstance(msg, (m.RemoteKVReady, m.PrefillDone)):
                 q = self.queues.get(msg.request_id)
                 if q is not None:
@@ -205,6 +208,17 @@ class ZmqEngineClient:
             request_id=ready.request_id, ok=result.ok, token_id=result.token_id,
             logprob=result.logprob, fallback_local=self.config.pd_fallback == "local",
         ))  # fmt: skip
+
+    async def retarget(self, request_id: str, transfer_id: str) -> None:
+        """Decode role: move a waiting request to a new transfer id (a prefill retry) and wait
+        until the engine expects it."""
+        fut = asyncio.get_running_loop().create_future()
+        self.retargets[transfer_id] = fut
+        try:
+            await self._send(m.RemoteRetry(request_id=request_id, transfer_id=transfer_id))
+            await asyncio.wait_for(fut, 10.0)
+        finally:
+            self.retargets.pop(transfer_id, None)
 
     async def prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
 import socket
+import uuid
+from pathlib import Path
 
 from aiohttp import web
 
+from pdserve.decode_node.prefill_client import (
+    InHostDisaggClient,
+    PrefillClient,
+    discover_innode_prefill,
+)
 from pdserve.engine_config import EngineConfig
 from pdserve.metrics import NodeMetrics
 from pdserve.model.tiny import resolve_model_path
 from pdserve.node.engine_client import ZmqEngineClient
+from pdserve.node.grpc_service import NodeService, start_grpc_server
 from pdserve.node.server import NodeState, build_app, build_metrics_app
+from pdserve.openai.engine_protocol import EngineClient
 from pdserve.openai.serving import OpenAIServing
+from pdserve.proto import pdserve_pb2 as pb
 from pdserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pdserve.node")
@@ -29,17 +40,49 @@ def check_ports(config: EngineConfig) -> None:
     wanted = [("--port", config.host, config.port),
               ("--metrics-port", config.host, config.metrics_port),
               ("--engine-worker-queue-port", config.internal_host,
-               config.engine_worker_queue_port)]  # fmt: skip
+               config.engine_worker_queue_port),
+              ("--pd-comm-port", config.internal_host, config.pd_comm_port)]  # fmt: skip
+    if config.splitwise_role == "decode":
+        wanted.append(("--cache-queue-port", config.internal_host, config.cache_queue_port))
     seen: dict[int, str] = {}
     for flag, host, port in wanted:
         if port in seen:
             raise ValueError(f"{flag} {port} is the same as {seen[port]}")
         seen[port] = flag
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # as servers do: a port whose old connections linger in TIME_WAIT is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as e:
                 raise ValueError(f"{flag} {port}: cannot listen on {host} ({e.strerror})") from None
+
+
+def node_info(config: EngineConfig, engine: ZmqEngineClient, tokenizer_fp: str) -> pb.NodeInfo:
+    """What peers and routers learn about this node (and check before pairing with it)."""
+    assert engine.ready is not None
+    model_dir = resolve_model_path(config.model)
+    return pb.NodeInfo(
+        node_id=f"{config.splitwise_role}-{uuid.uuid4().hex[:8]}", role=config.splitwise_role,
+        host=config.host, advertise_host=config.advertise_host or config.internal_host,
+        http_port=config.port, pd_comm_port=config.pd_comm_port,
+        engine_worker_queue_port=config.engine_worker_queue_port,
+        cache_queue_port=config.cache_queue_port, tp_size=config.tensor_parallel_size,
+        backend=config.backend, block_size=engine.ready.block_size,
+        kv_dtype=engine.ready.kv_dtype, model_fingerprint=model_fingerprint(model_dir),
+        tokenizer_fingerprint=tokenizer_fp, num_blocks=engine.ready.num_blocks,
+        host_id=engine.ready.host_id, max_model_len=engine.ready.max_model_len,
+    )  # fmt: skip
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 of config.json and the checkpoint's tensor table: equal means the same model."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            digest.update(fh.read(min(n, 100 << 20)))
+    return digest.hexdigest()
 
 
 def check_environment() -> None:
@@ -71,7 +114,22 @@ async def serve(config: EngineConfig) -> int:
     engine = ZmqEngineClient(config, tokenizer.eos_token_ids, on_death, metrics)
     await engine.start()
     assert engine.ready is not None
-    serving = OpenAIServing(engine, tokenizer, config.model_name, engine.ready.max_model_len,
+    info = node_info(config, engine, tokenizer.fingerprint)
+    prefill_client = None
+    front: EngineClient = engine
+    if config.splitwise_role == "decode":
+        prefill_client = PrefillClient(config, engine)
+        if config.innode_prefill_ports:
+            ports = [int(p) for p in config.innode_prefill_ports.split(",") if p.strip()]
+            nodes = await discover_innode_prefill(ports, config.internal_host)
+            logger.info("in-host prefill nodes: %s", ", ".join(nodes))
+            front = InHostDisaggClient(engine, prefill_client, nodes)
+    grpc_server = start_grpc_server(
+        NodeService(config, engine, info, prefill_client.remote if prefill_client else None),
+        config.internal_host, config.pd_comm_port,
+    )  # fmt: skip
+    await grpc_server.start()
+    serving = OpenAIServing(front, tokenizer, config.model_name, engine.ready.max_model_len,
                             config.max_concurrency)  # fmt: skip
     app = build_app(serving, metrics, state, config.api_key, config.max_request_body_bytes)
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its request
@@ -97,6 +155,9 @@ async def serve(config: EngineConfig) -> int:
             await asyncio.sleep(0.05)
     else:
         await asyncio.sleep(0.2)  # let failing streams write their error events
+    await grpc_server.stop(grace=1.0)
+    if prefill_client is not None:
+        await prefill_client.close()
     await engine.stop(drain_seconds=0.0)
     await runner.cleanup()
     await metrics_runner.cleanup()

@@ -51,6 +51,8 @@ class Node:
     metrics_port: int
     api_key: str | None = None
     log_path: str | None = None
+    engine_port: int = 0  # --engine-worker-queue-port
+    grpc_port: int = 0  # --pd-comm-port
 
     def log(self) -> str:
         """What the node wrote to stderr so far."""
@@ -125,7 +127,7 @@ def start_node(
                                      delete=False) as log:  # fmt: skip
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
                                 stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
-    node = Node(proc, port, metrics_port, api_key, log.name)
+    node = Node(proc, port, metrics_port, api_key, log.name, eq, pd)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:

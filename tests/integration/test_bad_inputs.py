@@ -215,7 +215,8 @@ def bad(*args: str, env: dict[str, str] | None = None, named: str) -> Any:
 @pytest.mark.parametrize(("args", "env", "named"), [
     bad("--max-num-seqs", "0", named="--max-num-seqs"),
     bad("--max-num-seqs", "many", named="--max-num-seqs"),
-    bad("--splitwise-role", "prefill", named="--splitwise-role"),  # not built yet
+    bad("--innode-prefill-ports", "8002", named="--innode-prefill-ports"),  # mixed node
+    bad("--cache-transfer-protocol", "rdma", named="--cache-transfer-protocol"),
     bad("--splitwise-role", "router", named="--splitwise-role"),
     bad("--tensor-parallel-size", "2", named="--tensor-parallel-size"),  # not built yet
     bad("--swap-space", "-1", named="--swap-space"),

@@ -1,0 +1,120 @@
+"""Wire schema of the KV transfer: typed frame headers and their one codec.
+
+A message is one msgpack header frame (a map with `type`, the schema version `v` and the
+header's fields), followed for `KVLayer` by one raw payload frame: the layer's KV of the listed
+blocks, C-contiguous, `shape = [2, n_blocks, block_size, kv_heads, head_dim]` of `dtype`.
+Decoding bounds the size and checks the version, the type and every field strictly (pydantic),
+so a malformed or foreign frame is rejected, never half-applied. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Annotated, ClassVar
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20  # bytes; 32k tokens in 64-token blocks is 512 ids, ~3 KB
+MAX_ID_CHARS = 256
+
+NonNeg = Annotated[int, Field(ge=0)]
+TransferId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+class SchemaError(ValueError):
+    """A frame that is not a valid KV transfer header of this schema version."""
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    TYPE: ClassVar[str] = ""
+
+
+class KVLayer(_Header):
+    """One layer of some blocks of a transfer; the payload follows in the next frame."""
+
+    TYPE: ClassVar[str] = "kv_layer"
+    transfer_id: TransferId
+    layer: NonNeg
+    block_ids: list[NonNeg]  # destination block ids, in payload order
+    dtype: str  # numpy dtype name of the payload ("float32", "bfloat16", "uint16")
+    shape: list[NonNeg]  # [2, len(block_ids), block_size, kv_heads, head_dim]
+    checksum: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] | None = None  # zlib.crc32 of payload
+
+
+class KVLayerIPC(KVLayer):
+    """Like `KVLayer`, but the sender already copied the bytes into the receiver's
+    shared-memory pool, so no payload frame follows; the checksum covers the pool's bytes."""
+
+    TYPE: ClassVar[str] = "kv_layer_ipc"
+    shm_name: Annotated[str, Field(max_length=MAX_ID_CHARS)]  # the pool the bytes went into
+
+
+class KVDone(_Header):
+    """The sender has sent every layer frame of the transfer."""
+
+    TYPE: ClassVar[str] = "kv_done"
+    transfer_id: TransferId
+    num_layers: NonNeg
+    num_blocks: NonNeg  # destination blocks the transfer filled
+
+
+class KVAck(_Header):
+    """The receiver's verdict on a transfer: ok once every expected layer x block landed."""
+
+    TYPE: ClassVar[str] = "kv_ack"
+    transfer_id: TransferId
+    ok: bool
+    error: str = ""
+
+
+Header = KVLayer | KVLayerIPC | KVDone | KVAck
+_TYPES: dict[str, type[_Header]] = {cls.TYPE: cls for cls in (KVLayer, KVLayerIPC, KVDone, KVAck)}
+
+
+def checksum(data: np.ndarray | bytes | memoryview, value: int = 0) -> int:
+    """zlib.crc32 of the bytes of an array (in C order) or buffer, continuing from `value`."""
+    if isinstance(data, np.ndarray):
+        data = data.reshape(-1).view(np.uint8)  # also for dtypes the buffer protocol lacks
+    return zlib.crc32(data, value)
+
+
+def blocks_checksum(layer_kv: np.ndarray, block_ids: Sequence[int]) -> int:
+    """`checksum` of the payload `np.take(layer_kv, block_ids, axis=1)` [2, n, block_size,
+    kv_heads, head_dim], computed block by block from `layer_kv` [2, blocks, ...] in place."""
+    value = 0
+    for kv in layer_kv:
+        for b in block_ids:
+            value = checksum(kv[b], value)
+    return value
+
+
+def encode(header: Header) -> bytes:
+    return msgpack.packb({"type": header.TYPE, "v": SCHEMA_VERSION, **header.model_dump()})
+
+
+def decode(frame: bytes | memoryview) -> Header:
+    """Parse and validate one header frame; SchemaError says what is wrong with it."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise SchemaError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise SchemaError(f"not msgpack: {type(e).__name__}") from None
+    if not isinstance(raw, dict):
+        raise SchemaError(f"header is a {type(raw).__name__}, not a map")
+    kind, version = raw.pop("type", None), raw.pop("v", None)
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise SchemaError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise SchemaError(f"unknown header type {kind!r:.64}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SchemaError(f"invalid {kind} header: {err['msg']} at {err['loc']}") from None

@@ -1,0 +1,148 @@
+"""The gRPC `Node` service every node serves on --pd-comm-port (router and peers call it)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from pdserve.engine import messages as m
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine_config import EngineConfig
+from pdserve.node.engine_client import RemotePrefill, ZmqEngineClient
+from pdserve.node.proto_convert import delta_to_chunk, params_from_proto
+from pdserve.openai.engine_protocol import EngineDeadError, RequestRejected
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("pdserve.node")
+
+MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of varints
+
+# decode role: (request id, prompt, params, prefill node addresses) -> the remote prefill step
+RemotePrefillFactory = Callable[[str, list[int], SamplingParams, list[str]], RemotePrefill]
+
+
+class NodeService(pb_grpc.NodeServicer):
+    def __init__(
+        self,
+        config: EngineConfig,
+        engine: ZmqEngineClient,
+        info: pb.NodeInfo,
+        remote_prefill_for: RemotePrefillFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.info = info
+        self.remote_prefill_for = remote_prefill_for  # decode role only
+
+    async def Generate(  # noqa: N802 (gRPC method names)
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TokenChunk]:
+        params = await _params(request.params, context)
+        remote = None
+        if request.prefill_node:
+            if self.remote_prefill_for is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"a {self.config.splitwise_role} node cannot use a prefill "
+                                    "node; only decode nodes can")  # fmt: skip
+            remote = self.remote_prefill_for(request.request_id, list(request.prompt_token_ids),
+                                             params, [request.prefill_node,
+                                                      *request.fallback_prefill_nodes])  # fmt: skip
+        try:
+            stream = self.engine.generate(request.request_id, list(request.prompt_token_ids),
+                                          params, remote)  # fmt: skip
+            async for delta in stream:
+                yield delta_to_chunk(delta)
+        except RequestRejected as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def Prefill(  # noqa: N802
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillReply:
+        if self.config.splitwise_role != "prefill":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a {self.config.splitwise_role} node does not serve Prefill",
+            )
+        params = await _params(request.params, context)
+        if len(request.destinations) != 1:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "exactly one KV destination (tensor parallelism is not built)",
+            )
+        dest = request.destinations[0]
+        if request.block_size != self.info.block_size or request.kv_dtype != self.info.kv_dtype:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"KV layout mismatch: block size {request.block_size} / "
+                                f"{request.kv_dtype}, this node has {self.info.block_size} / "
+                                f"{self.info.kv_dtype}")  # fmt: skip
+        use_ipc = (
+            bool(dest.shm_name)
+            and dest.host_id == self.info.host_id
+            and ("ipc" in self.config.cache_transfer_protocol.split(","))
+        )
+        push = m.KVPushSpec(
+            transfer_id=request.transfer_id, zmq_endpoint=dest.zmq_endpoint,
+            shm_name=dest.shm_name if use_ipc else "", host_id=dest.host_id,
+            block_ids=list(dest.block_ids), first_block=request.first_block,
+            checksum=request.checksum,
+        )  # fmt: skip
+        try:
+            done = await self.engine.prefill(request.request_id, list(request.prompt_token_ids),
+                                             params, push)  # fmt: skip
+        except RequestRejected as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if not done.ok or done.output is None:
+            await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {done.error}")
+        self.engine.metrics.kv_bytes_sent.inc(done.kv_bytes)
+        out = done.output
+        return pb.PrefillReply(first_token_id=out.token_id, logprob=out.logprob,
+                               num_cached_tokens=out.num_cached_tokens,
+                               kv_bytes_sent=done.kv_bytes,
+                               transport="ipc" if use_ipc else "zmq")  # fmt: skip
+
+    async def Abort(  # noqa: N802
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortReply:
+        known = [rid for rid in request.request_ids if rid in self.engine.queues]
+        for rid in request.request_ids:
+            await self.engine.abort(rid)
+        return pb.AbortReply(aborted=len(known))
+
+    async def GetLoad(  # noqa: N802
+        self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadInfo:
+        s = self.engine.stats
+        return pb.LoadInfo(num_running=s.num_running, num_waiting=s.num_waiting,
+                           free_blocks=s.num_free_blocks, total_blocks=s.num_blocks,
+                           queued_prefill_tokens=s.queued_prefill_tokens)  # fmt: skip
+
+    async def GetInfo(  # noqa: N802
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NodeInfo:
+        return self.info
+
+
+async def _params(msg: pb.SamplingParams, context: grpc.aio.ServicerContext) -> SamplingParams:
+    try:
+        return params_from_proto(msg)
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+def start_grpc_server(service: NodeService, host: str, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ])  # fmt: skip
+    pb_grpc.add_NodeServicer_to_server(service, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise ValueError(f"--pd-comm-port {port}: cannot listen on {host}")
+    return server

@@ -1,0 +1,46 @@
+"""Disaggregated serving with real processes: a decode node with --innode-prefill-ports in front
+of a prefill node gives exactly a mixed node's greedy tokens, over shared memory and ZeroMQ."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.test_mixed_node import GREEDY, PROMPTS, complete_all
+
+COMMON = ("--block-size", "16", "--max-num-seqs", "64", "--num-gpu-blocks-override", "512")
+
+
+@pytest.fixture(scope="module")
+def mixed_outputs(node) -> list[str]:
+    return complete_all(node, PROMPTS[:24])
+
+
+def one_p_one_d(node_factory, protocol: str):
+    prefill = node_factory("--splitwise-role", "prefill", "--cache-transfer-protocol", protocol,
+                           *COMMON)  # fmt: skip
+    decode = node_factory("--splitwise-role", "decode", "--innode-prefill-ports",
+                          str(prefill.engine_port), *COMMON)  # fmt: skip
+    return prefill, decode
+
+
+@pytest.mark.parametrize("protocol", ["ipc,zmq", "zmq"], ids=["shm", "zmq"])
+def test_innode_1p1d_matches_mixed(node_factory, mixed_outputs, protocol):
+    prefill, decode = one_p_one_d(node_factory, protocol)
+    assert complete_all(decode, PROMPTS[:24]) == mixed_outputs
+    assert decode.metric("kv_bytes_received_total") > 0
+    assert decode.metric("pd_fallback_total") == 0
+    assert prefill.metric("kv_bytes_sent_total") == decode.metric("kv_bytes_received_total")
+    decode.wait_blocks_free()
+    prefill.wait_blocks_free()
+
+
+def test_decode_prefix_cache_moves_only_missing_blocks(node_factory):
+    prefill, decode = one_p_one_d(node_factory, "zmq")
+    client = decode.client()
+    long = PROMPTS[-1]  # 480 bytes: 30 blocks of 16
+    first = client.completions.create(model="tiny", prompt=long, **GREEDY)
+    moved = decode.metric("kv_bytes_received_total")
+    again = client.completions.create(model="tiny", prompt=long, **GREEDY)
+    assert again.choices[0].text == first.choices[0].text
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16 * 29
+    assert decode.metric("kv_bytes_received_total") - moved < moved / 10  # only the last block
