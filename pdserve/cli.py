@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(g)
     s = sub.add_parser("serve", help="run a node: OpenAI-compatible HTTP API over the engine")
     EngineConfig.add_cli_args(s)
+    r = sub.add_parser("router", help="run a router: the OpenAI API over prefill/decode nodes")
+    from pdserve.router.main import RouterConfig
+
+    RouterConfig.add_cli_args(r)
     d = sub.add_parser("demo", help="start a node, stream one chat request through it, stop")
     d.add_argument("--model", default="tiny", help="model directory or 'tiny'")
     d.add_argument("--prompt", default=None, help="the user message")
@@ -146,6 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "router":
+            import asyncio
+
+            from pdserve.log import setup_logging
+            from pdserve.router.main import RouterConfig, serve_router
+
+            config = RouterConfig.from_args(args)
+            setup_logging("router")
+            return asyncio.run(serve_router(config))
         if args.command == "demo":
             from pdserve.demo import DEMO_PROMPT, run_demo
 

@@ -53,9 +53,11 @@ def test_bad_flags_name_the_flag():
     assert proc.returncode == 2 and "--backend cupy" in proc.stderr
 
 
-def test_demo_streams_a_chat_through_a_real_node_and_stops_it():
+def test_demo_streams_a_chat_through_router_prefill_and_decode_and_stops_them():
     proc = run("demo", "--max-tokens", "12")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip()) > 0
     assert "12 generated" in proc.stderr and "TTFT" in proc.stderr
-    assert "node stopped (exit code 0)" in proc.stderr
+    moved = float(proc.stderr.split("KV moved prefill -> decode: ")[1].split(" KiB")[0])
+    assert moved > 0  # the prompt's KV really crossed from the prefill to the decode node
+    assert "stopped router and nodes (exit codes [0, 0, 0])" in proc.stderr

@@ -11,6 +11,7 @@ import socket
 import uuid
 from pathlib import Path
 
+import grpc
 from aiohttp import web
 
 from pdserve.decode_node.prefill_client import (
@@ -27,6 +28,7 @@ from pdserve.node.server import NodeState, build_app, build_metrics_app
 from pdserve.openai.engine_protocol import EngineClient
 from pdserve.openai.serving import OpenAIServing
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pdserve.node")
@@ -73,6 +75,34 @@ def node_info(config: EngineConfig, engine: ZmqEngineClient, tokenizer_fp: str) 
         tokenizer_fingerprint=tokenizer_fp, num_blocks=engine.ready.num_blocks,
         host_id=engine.ready.host_id, max_model_len=engine.ready.max_model_len,
     )  # fmt: skip
+
+
+async def register_loop(router: str, info: pb.NodeInfo, engine: ZmqEngineClient) -> None:
+    """Register with the router (--router) and heartbeat the engine's load to it."""
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = pb_grpc.RouterStub(channel)
+        known = False
+        while True:
+            try:
+                if not known:
+                    reply = await stub.Register(info, timeout=5)
+                    if not reply.accepted:
+                        logger.error("router %s refused this node: %s", router, reply.message)
+                        return
+                    interval, known = reply.heartbeat_interval_s or 1.0, True
+                    logger.info("registered with router %s", router)
+                s = engine.stats
+                load = pb.LoadInfo(num_running=s.num_running, num_waiting=s.num_waiting,
+                                   free_blocks=s.num_free_blocks, total_blocks=s.num_blocks,
+                                   queued_prefill_tokens=s.queued_prefill_tokens)  # fmt: skip
+                hb = await stub.Heartbeat(pb.HeartbeatRequest(node_id=info.node_id, load=load),
+                                          timeout=5)  # fmt: skip
+                known = hb.known
+                await asyncio.sleep(interval)
+            except grpc.aio.AioRpcError as e:
+                logger.warning("router %s unreachable (%s); retrying", router, e.code().name)
+                known = False
+                await asyncio.sleep(1.0)
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -129,6 +159,9 @@ async def serve(config: EngineConfig) -> int:
         config.internal_host, config.pd_comm_port,
     )  # fmt: skip
     await grpc_server.start()
+    registration = (
+        asyncio.create_task(register_loop(config.router, info, engine)) if (config.router) else None
+    )
     serving = OpenAIServing(front, tokenizer, config.model_name, engine.ready.max_model_len,
                             config.max_concurrency)  # fmt: skip
     app = build_app(serving, metrics, state, config.api_key, config.max_request_body_bytes)
@@ -155,6 +188,8 @@ async def serve(config: EngineConfig) -> int:
             await asyncio.sleep(0.05)
     else:
         await asyncio.sleep(0.2)  # let failing streams write their error events
+    if registration is not None:
+        registration.cancel()
     await grpc_server.stop(grace=1.0)
     if prefill_client is not None:
         await prefill_client.close()
