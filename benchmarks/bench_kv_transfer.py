@@ -6,9 +6,11 @@ in a second process with its pool in POSIX shared memory; the sender times one t
 `start` to the receiver's ack: 28 `send_layer` calls, `KVDone`, ack. Each size is compared with
 peers measured in the same run on the same bytes:
   memcpy      one contiguous numpy copy (np.copyto) in one process: the memory-bandwidth roof
-  gather      numpy gather + scatter of the blocks, layer by layer (what the ipc path must do)
-  push/pull   raw ZeroMQ PUSH/PULL over loopback tcp, one message per layer, to the second
-              process, ended by a reply: the transport roof for the zmq path
+  gather      numpy block-by-block copy pool to pool in one process (the ipc path's copies)
+  push/pull   raw ZeroMQ PUSH/PULL over loopback tcp of the same bytes in the same frame sizes,
+              to the second process, ended by a reply: the transport roof for the zmq path
+zmq/pp = kv_zmq GB/s / push_pull GB/s; ipc/gat = kv_ipc GB/s / gather GB/s. The zmq path
+copies twice more than push/pull (gather on the sender, scatter on the receiver).
 
     python benchmarks/bench_kv_transfer.py [--tokens 128,1024,8192,32768] [--repeat 5]
 """
@@ -112,10 +114,13 @@ def time_kv(tx, conn, endpoint, src, tid, src_ids, dst_ids, shm: str | None, che
     return dt
 
 
-def time_push_pull(conn, push, pull, layer_bytes: int) -> float:
-    conn.send(("raw", LAYERS))
+def time_push_pull(conn, push, pull, layer_bytes: int, max_frame: int) -> float:
+    """Seconds to push every layer's bytes, in messages of at most `max_frame` bytes like the
+    sender's, and get the reply to the last."""
+    sizes = [min(max_frame, layer_bytes - i) for i in range(0, layer_bytes, max_frame)]
+    msgs = [np.ones(n, np.uint8) for _ in range(LAYERS) for n in sizes]  # distinct, as KV
+    conn.send(("raw", len(msgs)))
     conn.recv()
-    msgs = [np.ones(layer_bytes, np.uint8) for _ in range(LAYERS)]  # distinct buffers, as KV
     t0 = time.perf_counter()
     for m in msgs:
         push.send(m, copy=False)
@@ -162,7 +167,7 @@ def run(tokens_list: list[int], repeat: int, checksum: bool, max_frame: int) -> 
                 got = {
                     "memcpy": t1 - t0,
                     "gather": t2 - t1,
-                    "push_pull": time_push_pull(parent, push, pull, nbytes // LAYERS),
+                    "push_pull": time_push_pull(parent, push, pull, nbytes // LAYERS, max_frame),
                     "kv_zmq": time_kv(
                         tx, parent, kv_ep, src, f"z{tokens}.{i}", src_ids, dst_ids, None, checksum
                     ),

@@ -55,6 +55,8 @@ class NodeMetrics:
                                          "prefill nodes", registry=r)  # fmt: skip
         self.kv_bytes_sent = Counter(p + "kv_bytes_sent", "KV bytes pushed to decode nodes",
                                      registry=r)  # fmt: skip
+        self.kv_transfers = Counter(p + "kv_transfers", "Prompt KV transfers pushed, by transport",
+                                    ["transport"], registry=r)  # fmt: skip
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tpot = Histogram(p + "time_per_output_token_seconds", "Time between output tokens",

@@ -41,6 +41,7 @@ class PrefillClient:
         self.destination = dict(
             zmq_endpoint=f"tcp://{host}:{config.cache_queue_port}",
             shm_name=engine.ready.kv_shm_name, host_id=engine.ready.host_id,
+            pool_blocks=engine.ready.num_blocks,
         )  # fmt: skip
         self.stubs: dict[str, pb_grpc.NodeStub] = {}
         self.channels: list[grpc.aio.Channel] = []

@@ -43,6 +43,7 @@ class PrefillResult:
     error: str
     output: RequestOutput | None
     kv_bytes: int
+    transport: str = ""  # "ipc" or "zmq"
 
 
 class PrefillHandoff:
@@ -54,6 +55,7 @@ class PrefillHandoff:
         self.pushing: dict[str, Request] = {}  # request id -> request with a KVPush
         self.unacked: dict[str, RequestOutput] = {}  # transfer id -> the held-back first token
         self.sent: dict[str, int] = {}  # transfer id -> KV bytes sent so far
+        self.transport: dict[str, str] = {}  # transfer id -> "ipc" | "zmq"
 
     def start(self, req: Request, transfer_id: str, destination, first_block: int) -> None:
         num_blocks = self.core.blocks.blocks_needed(req.num_prompt_tokens)
@@ -63,7 +65,9 @@ class PrefillHandoff:
             raise ValueError(f"{len(destination.block_ids)} destination blocks for "
                              f"{num_blocks - first_block} prompt blocks")  # fmt: skip
         req.kv_push = KVPush(transfer_id, first_block, num_blocks, first_block)
-        self.sender.start(transfer_id, destination, timeout_s=self.ack_timeout_s)
+        self.transport[transfer_id] = self.sender.start(
+            transfer_id, destination, timeout_s=self.ack_timeout_s
+        )
         self.pushing[req.request_id] = req
         self.sent[transfer_id] = 0
 
@@ -115,9 +119,13 @@ class PrefillHandoff:
         for ack in self.sender.poll_acks():
             out = self.unacked.pop(ack.transfer_id, None)
             sent = self.sent.pop(ack.transfer_id, 0)
+            transport = self.transport.pop(ack.transfer_id, "")
             if out is not None:
-                results.append(PrefillResult(out.request_id, ack.ok, ack.error,
-                                             out if ack.ok else None, sent))  # fmt: skip
+                results.append(
+                    PrefillResult(
+                        out.request_id, ack.ok, ack.error, out if ack.ok else None, sent, transport
+                    )
+                )
         return results
 
     @property
@@ -135,6 +143,7 @@ class PrefillHandoff:
     def _drop(self, transfer_id: str) -> None:
         self.unacked.pop(transfer_id, None)
         self.sent.pop(transfer_id, None)
+        self.transport.pop(transfer_id, None)
         self.sender.abort(transfer_id)
 
 

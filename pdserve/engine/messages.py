@@ -32,6 +32,7 @@ class KVPushSpec(_Msg):
     transfer_id: str
     zmq_endpoint: str  # the decode rank's KV receiver, tcp://host:port
     shm_name: str = ""  # its pool in POSIX shared memory, when it shares our host
+    pool_blocks: int = 0  # blocks in that pool (it may differ from ours)
     host_id: str = ""
     block_ids: list[int]  # destination blocks, one per prompt block from first_block on
     first_block: int  # prompt blocks before this one the decode node has cached
@@ -152,6 +153,7 @@ class PrefillDone(_Msg):
     error: str = ""
     output: TokenOut | None = None
     kv_bytes: int = 0
+    transport: str = ""
 
 
 _ALL = (AddRequest, AbortRequests, Shutdown, StepOutputs, RequestFailed, EngineReady,

@@ -72,9 +72,11 @@ class PrefillRole(MixedRole):
             self.core.add_request(req)
             return
         kv = self.core.runner.kv_cache
+        # the destination pool: our layout with its own number of blocks
+        shape = (kv.shape[0], 2, push.pool_blocks, *kv.shape[3:])
         dest = Destination(push.zmq_endpoint, push.block_ids, push.shm_name or None,
-                           tuple(kv.shape), kv.dtype.name, push.checksum,
-                           use_ipc=bool(push.shm_name))  # fmt: skip
+                           shape, kv.dtype.name, push.checksum,
+                           use_ipc=bool(push.shm_name) and push.pool_blocks > 0)  # fmt: skip
         self.core.add_request(req)
         try:
             self.pusher.start(req, push.transfer_id, dest, push.first_block)
@@ -85,7 +87,8 @@ class PrefillRole(MixedRole):
     def after_step(self) -> list[m.Message]:
         return [
             m.PrefillDone(request_id=r.request_id, ok=r.ok, error=r.error,
-                          output=token_out(r.output) if r.output else None, kv_bytes=r.kv_bytes)
+                          output=token_out(r.output) if r.output else None, kv_bytes=r.kv_bytes,
+                          transport=r.transport)
             for r in self.pusher.poll()
         ]  # fmt: skip
 

@@ -126,6 +126,7 @@ class KVSender:
         if src.size == 0:
             return 0
         if t.pool is not None:
+            self._check_pool(t.pool.array, kv_cache, layer, dst)
             return self._copy_ipc(transfer_id, t, layer, kv_cache, src.tolist(), dst)
         step = max(1, self.max_frame_bytes // max(1, kv_cache[layer, :, 0].nbytes))
         sent = 0

@@ -116,19 +116,20 @@ class SharedKVPool:
     def attach(
         cls, name: str, shape: Sequence[int], dtype: np.dtype | type | str = np.float32
     ) -> SharedKVPool:
-        """Open an existing segment; FileNotFoundError if there is none, ValueError if it is
-        smaller than `shape` x `dtype` needs."""
+        """Open an existing segment; FileNotFoundError if there is none, ValueError if its
+        size is not that of `shape` x `dtype` (a pool of another shape: the block axis sits in
+        the middle, so a wrong shape would scatter every write)."""
         dt = np.dtype(dtype)
-        nbytes = _nbytes(shape, dt)
+        nbytes = max(_nbytes(shape, dt), 1)
         if sys.version_info >= (3, 13):
             shm = SharedMemory(name=name, track=False)
         else:
             with _untracked():
                 shm = SharedMemory(name=name)
-        if shm.size < nbytes:
+        if shm.size not in (nbytes, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE):  # macOS rounds
             shm.close()
             raise ValueError(
-                f"shared memory {name} has {shm.size} bytes, {shape} {dt} needs {nbytes}"
+                f"shared memory {name} has {shm.size} bytes, {tuple(shape)} {dt} is {nbytes}"
             )
         return cls(shm, shape, dt, owner=False)
 

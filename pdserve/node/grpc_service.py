@@ -87,7 +87,8 @@ class NodeService(pb_grpc.NodeServicer):
         )
         push = m.KVPushSpec(
             transfer_id=request.transfer_id, zmq_endpoint=dest.zmq_endpoint,
-            shm_name=dest.shm_name if use_ipc else "", host_id=dest.host_id,
+            shm_name=dest.shm_name if use_ipc else "", pool_blocks=dest.pool_blocks,
+            host_id=dest.host_id,
             block_ids=list(dest.block_ids), first_block=request.first_block,
             checksum=request.checksum,
         )  # fmt: skip
@@ -101,11 +102,12 @@ class NodeService(pb_grpc.NodeServicer):
         if not done.ok or done.output is None:
             await context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {done.error}")
         self.engine.metrics.kv_bytes_sent.inc(done.kv_bytes)
+        self.engine.metrics.kv_transfers.labels(done.transport).inc()
         out = done.output
         return pb.PrefillReply(first_token_id=out.token_id, logprob=out.logprob,
                                num_cached_tokens=out.num_cached_tokens,
                                kv_bytes_sent=done.kv_bytes,
-                               transport="ipc" if use_ipc else "zmq")  # fmt: skip
+                               transport=done.transport)  # fmt: skip
 
     async def Abort(  # noqa: N802
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext

@@ -80,7 +80,8 @@ class Node:
 
     def metric(self, name: str) -> float:
         _, text = http("GET", f"http://127.0.0.1:{self.metrics_port}/metrics")
-        match = re.search(rf"^pdserve:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        labels = "" if "{" in name else r"(?:\{[^}]*\})?"  # a name may give its labels
+        match = re.search(rf"^pdserve:{re.escape(name)}{labels} (\S+)$", text, re.M)
         assert match, f"metric {name} not exported"
         return float(match.group(1))
 

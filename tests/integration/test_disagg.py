@@ -16,8 +16,9 @@ def mixed_outputs(node) -> list[str]:
 
 
 def one_p_one_d(node_factory, protocol: str):
+    # pools of different sizes: shared memory must be mapped with the decode pool's shape
     prefill = node_factory("--splitwise-role", "prefill", "--cache-transfer-protocol", protocol,
-                           *COMMON)  # fmt: skip
+                           *COMMON[:-1], "300")  # fmt: skip
     decode = node_factory("--splitwise-role", "decode", "--innode-prefill-ports",
                           str(prefill.engine_port), *COMMON)  # fmt: skip
     return prefill, decode
@@ -30,6 +31,8 @@ def test_innode_1p1d_matches_mixed(node_factory, mixed_outputs, protocol):
     assert decode.metric("kv_bytes_received_total") > 0
     assert decode.metric("pd_fallback_total") == 0
     assert prefill.metric("kv_bytes_sent_total") == decode.metric("kv_bytes_received_total")
+    transport = "ipc" if protocol.startswith("ipc") else "zmq"
+    assert prefill.metric(f'kv_transfers_total{{transport="{transport}"}}') == 24
     decode.wait_blocks_free()
     prefill.wait_blocks_free()
 

@@ -41,8 +41,9 @@ def test_create_attach_share_memory() -> None:
         with pytest.raises(RuntimeError, match="owner"):
             peer.unlink()
         peer.close()
-        with pytest.raises(ValueError, match="bytes"):
-            SharedKVPool.attach(owner.name, (3, *SHAPE[1:]), np.float32)
+        for wrong in ((3, *SHAPE[1:]), (1, *SHAPE[1:]), SHAPE[:-1]):
+            with pytest.raises(ValueError, match="bytes"):
+                SharedKVPool.attach(owner.name, wrong, np.float32)
         name = owner.name
     with pytest.raises(FileNotFoundError):
         SharedKVPool.attach(name, SHAPE)

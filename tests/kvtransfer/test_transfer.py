@@ -203,6 +203,12 @@ def test_misuse_raises(tx: KVSender, rx: KVReceiver, dest: DestPool) -> None:
         tx.send_layer("m", 0, make_source(), SRC_IDS, dst_offset=1)
     with pytest.raises(ValueError, match="source blocks"):
         tx.send_layer("m", 0, make_source(), [0, 16])
+    if dest.transport == "ipc":
+        with pytest.raises(ValueError, match="cannot take"):
+            tx.send_layer("m", 0, make_source(dtype="uint16"), SRC_IDS)
+        tx.start("m2", dest.destination(rx.endpoint, [3, 99]))
+        with pytest.raises(ValueError, match="outside the pool"):
+            tx.send_layer("m2", 0, make_source(), [0, 1])
     with pytest.raises(ValueError, match="not in progress"):
         tx.send_layer("nope", 0, make_source(), SRC_IDS)
     assert settle(rx, 0.01) == []
