@@ -16,7 +16,8 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ("pdserve_pb2.py", "pdserve_pb2.pyi", "pdserve_pb2_grpc.py")
+GENERATED = tuple(f"{name}{suffix}" for name in ("pdserve_pb2", "health_pb2")
+                  for suffix in (".py", ".pyi", "_grpc.py"))  # fmt: skip
 MAX_RECEIVE_BYTES = 1 << 20
 DEADLINE_S = 10.0
 

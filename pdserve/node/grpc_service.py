@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -13,6 +14,8 @@ from pdserve.engine_config import EngineConfig
 from pdserve.node.engine_client import RemotePrefill, ZmqEngineClient
 from pdserve.node.proto_convert import delta_to_chunk, params_from_proto
 from pdserve.openai.engine_protocol import EngineDeadError, RequestRejected
+from pdserve.proto import health_pb2
+from pdserve.proto import health_pb2_grpc as health_grpc
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -138,12 +141,46 @@ async def _params(msg: pb.SamplingParams, context: grpc.aio.ServicerContext) -> 
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
-def start_grpc_server(service: NodeService, host: str, port: int) -> grpc.aio.Server:
+class HealthService(health_grpc.HealthServicer):
+    """grpc.health.v1 for probes: SERVING while `serving()` says so."""
+
+    def __init__(self, serving: Callable[[], bool]) -> None:
+        self.serving = serving
+
+    def _status(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        s = health_pb2.HealthCheckResponse
+        if request.service not in ("", "pdserve.v1.Node", "pdserve.v1.Router"):
+            return s(status=s.SERVICE_UNKNOWN)
+        return s(status=s.SERVING if self.serving() else s.NOT_SERVING)
+
+    async def Check(self, request, context):  # noqa: N802
+        return self._status(request)
+
+    async def Watch(self, request, context):  # noqa: N802
+        last = None
+        while True:
+            status = self._status(request)
+            if status.status != last:
+                last = status.status
+                yield status
+            await asyncio.sleep(0.5)
+
+
+def grpc_server(health: HealthService) -> grpc.aio.Server:
+    """A gRPC server with our message limits and the standard health service."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ])  # fmt: skip
+    health_grpc.add_HealthServicer_to_server(health, server)
+    return server
+
+
+def start_grpc_server(
+    service: NodeService, host: str, port: int, health: HealthService
+) -> grpc.aio.Server:
+    server = grpc_server(health)
     pb_grpc.add_NodeServicer_to_server(service, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise ValueError(f"--pd-comm-port {port}: cannot listen on {host}")

@@ -23,7 +23,7 @@ from pdserve.engine_config import EngineConfig
 from pdserve.metrics import NodeMetrics
 from pdserve.model.tiny import resolve_model_path
 from pdserve.node.engine_client import ZmqEngineClient
-from pdserve.node.grpc_service import NodeService, start_grpc_server
+from pdserve.node.grpc_service import HealthService, NodeService, start_grpc_server
 from pdserve.node.server import NodeState, build_app, build_metrics_app
 from pdserve.openai.engine_protocol import EngineClient
 from pdserve.openai.serving import OpenAIServing
@@ -157,6 +157,7 @@ async def serve(config: EngineConfig) -> int:
     grpc_server = start_grpc_server(
         NodeService(config, engine, info, prefill_client.remote if prefill_client else None),
         config.internal_host, config.pd_comm_port,
+        HealthService(lambda: state.healthy and not state.draining),
     )  # fmt: skip
     await grpc_server.start()
     registration = (

@@ -13,7 +13,8 @@ from aiohttp import web
 
 from pdserve.metrics import NodeMetrics
 from pdserve.model.tiny import resolve_model_path
-from pdserve.node.grpc_service import MAX_GRPC_MESSAGE_BYTES
+from pdserve.node.grpc_service import HealthService
+from pdserve.node.grpc_service import grpc_server as make_grpc_server
 from pdserve.node.server import NodeState, build_app, build_metrics_app
 from pdserve.openai.serving import OpenAIServing
 from pdserve.proto import pdserve_pb2 as pb
@@ -131,10 +132,8 @@ async def _poll_loads(registry: Registry) -> None:
 async def serve_router(config: RouterConfig) -> int:
     tokenizer = load_tokenizer(resolve_model_path(config.model))
     registry = Registry(tokenizer.fingerprint)
-    grpc_server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
-    ])  # fmt: skip
+    metrics, state = NodeMetrics(), NodeState()
+    grpc_server = make_grpc_server(HealthService(lambda: state.healthy and not state.draining))
     pb_grpc.add_RouterServicer_to_server(RouterService(registry), grpc_server)
     if grpc_server.add_insecure_port(f"{config.internal_host}:{config.pd_comm_port}") == 0:
         raise ValueError(f"--pd-comm-port {config.pd_comm_port}: cannot listen")
@@ -151,7 +150,6 @@ async def serve_router(config: RouterConfig) -> int:
     client = RouterEngineClient(registry, tokenizer.eos_token_ids)
     serving = OpenAIServing(client, tokenizer, config.model, ref.max_model_len,
                             config.max_concurrency)  # fmt: skip
-    metrics, state = NodeMetrics(), NodeState()
     app = build_app(serving, metrics, state, config.api_key, config.max_request_body_bytes)
 
     async def nodes_handler(request: web.Request) -> web.Response:

@@ -164,3 +164,20 @@ def test_swap_space_tier_serves_evicted_prefixes(node_factory, alone):
     assert again.usage.prompt_tokens_details.cached_tokens >= 16 * 29
     small.wait_blocks_free()
     assert small.metric("swap_in_blocks") >= 29
+
+
+def test_grpc_standard_health_service(node: Node):
+    import grpc
+
+    from pdserve.proto import health_pb2, health_pb2_grpc
+
+    async def check(service: str) -> int:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{node.grpc_port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            return reply.status
+
+    s = health_pb2.HealthCheckResponse
+    assert asyncio.run(check("")) == s.SERVING
+    assert asyncio.run(check("pdserve.v1.Node")) == s.SERVING
+    assert asyncio.run(check("no.such.Service")) == s.SERVICE_UNKNOWN
