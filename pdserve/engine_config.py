@@ -29,7 +29,9 @@ class EngineConfig:
     engine_worker_queue_port: int = _flag(
         "engine's ZeroMQ port for its workers and in-host peers", default=8002)  # fmt: skip
     cache_queue_port: int = _flag("base port of the per-rank KV endpoints", default=8003)
-    pd_comm_port: int = _flag("gRPC Node service port", default=8004)
+    pd_comm_port: int | None = _flag(
+        "gRPC Node service port (default: a free port, reported to the router and to in-host "
+        "peers)", default=None)  # fmt: skip
     internal_host: str = _flag("bind address of gRPC, KV and engine ports", default="127.0.0.1")
     splitwise_role: str = _flag("mixed, prefill or decode", default="mixed",
                                 choices=("mixed", "prefill", "decode"))  # fmt: skip
@@ -80,7 +82,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "engine_worker_queue_port", "cache_queue_port",
                      "pd_comm_port"):  # fmt: skip
-            if not 0 < getattr(self, name) < 65536:
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < 65536:
                 raise ValueError(
                     f"--{_dash(name)} must be a port number, got {getattr(self, name)}"
                 )

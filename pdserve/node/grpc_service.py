@@ -175,13 +175,3 @@ def grpc_server(health: HealthService) -> grpc.aio.Server:
     ])  # fmt: skip
     health_grpc.add_HealthServicer_to_server(health, server)
     return server
-
-
-def start_grpc_server(
-    service: NodeService, host: str, port: int, health: HealthService
-) -> grpc.aio.Server:
-    server = grpc_server(health)
-    pb_grpc.add_NodeServicer_to_server(service, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise ValueError(f"--pd-comm-port {port}: cannot listen on {host}")
-    return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -23,7 +24,8 @@ from pdserve.engine_config import EngineConfig
 from pdserve.metrics import NodeMetrics
 from pdserve.model.tiny import resolve_model_path
 from pdserve.node.engine_client import ZmqEngineClient
-from pdserve.node.grpc_service import HealthService, NodeService, start_grpc_server
+from pdserve.node.grpc_service import HealthService, NodeService
+from pdserve.node.grpc_service import grpc_server as grpc_server_for
 from pdserve.node.server import NodeState, build_app, build_metrics_app
 from pdserve.openai.engine_protocol import EngineClient
 from pdserve.openai.serving import OpenAIServing
@@ -44,6 +46,7 @@ def check_ports(config: EngineConfig) -> None:
               ("--engine-worker-queue-port", config.internal_host,
                config.engine_worker_queue_port),
               ("--pd-comm-port", config.internal_host, config.pd_comm_port)]  # fmt: skip
+    wanted = [w for w in wanted if w[2]]  # an unset --pd-comm-port takes a free port
     if config.splitwise_role == "decode":
         wanted.append(("--cache-queue-port", config.internal_host, config.cache_queue_port))
     seen: dict[int, str] = {}
@@ -141,6 +144,13 @@ async def serve(config: EngineConfig) -> int:
         exit_code = EXIT_ENGINE_DIED
         stop.set()
 
+    # gRPC binds first: without --pd-comm-port it takes a free port, which the engine (in-host
+    # discovery) and NodeInfo (the router) must report
+    grpc_server = grpc_server_for(HealthService(lambda: state.healthy and not state.draining))
+    port = grpc_server.add_insecure_port(f"{config.internal_host}:{config.pd_comm_port or 0}")
+    if port == 0:
+        raise ValueError(f"--pd-comm-port {config.pd_comm_port}: cannot listen")
+    config = dataclasses.replace(config, pd_comm_port=port)
     engine = ZmqEngineClient(config, tokenizer.eos_token_ids, on_death, metrics)
     await engine.start()
     assert engine.ready is not None
@@ -154,11 +164,8 @@ async def serve(config: EngineConfig) -> int:
             nodes = await discover_innode_prefill(ports, config.internal_host)
             logger.info("in-host prefill nodes: %s", ", ".join(nodes))
             front = InHostDisaggClient(engine, prefill_client, nodes)
-    grpc_server = start_grpc_server(
-        NodeService(config, engine, info, prefill_client.remote if prefill_client else None),
-        config.internal_host, config.pd_comm_port,
-        HealthService(lambda: state.healthy and not state.draining),
-    )  # fmt: skip
+    service = NodeService(config, engine, info, prefill_client.remote if prefill_client else None)
+    pb_grpc.add_NodeServicer_to_server(service, grpc_server)
     await grpc_server.start()
     registration = (
         asyncio.create_task(register_loop(config.router, info, engine)) if (config.router) else None
@@ -176,9 +183,10 @@ async def serve(config: EngineConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    logger.info("serving %s on http://%s:%d (metrics on :%d), %d KV blocks of %d tokens",
-                config.model_name, config.host, config.port, config.metrics_port,
-                engine.ready.num_blocks, engine.ready.block_size)  # fmt: skip
+    logger.info("serving %s as %s on http://%s:%d (metrics :%d, gRPC :%d), %d KV blocks of %d "
+                "tokens", config.model_name, config.splitwise_role, config.host, config.port,
+                config.metrics_port, config.pd_comm_port, engine.ready.num_blocks,
+                engine.ready.block_size)  # fmt: skip
     await stop.wait()
     if exit_code == 0:
         state.draining, state.reason = True, "shutting down"

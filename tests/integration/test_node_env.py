@@ -12,7 +12,7 @@ def test_fd_log_dir_gets_node_and_engine_logs(tmp_path, node_factory):
     assert node.stop() == 0
     node_log = (tmp_path / "logs" / "node.log").read_text()
     engine_log = (tmp_path / "logs" / "engine.log").read_text()
-    assert "serving tiny on http://127.0.0.1" in node_log
+    assert "serving tiny as mixed on http://127.0.0.1" in node_log
     assert "POST /v1/completions" in node_log
     assert "node stopped (exit code 0)" in node_log
     assert engine_log  # the engine process logs to its own file
