@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-import msgpack
 import zmq
 import zmq.asyncio
 
@@ -141,18 +140,18 @@ async def discover_innode_prefill(ports: list[int], host: str, timeout_s: float 
             deadline = asyncio.get_running_loop().time() + timeout_s
             info = None
             while info is None:  # the prefill node may still be loading its model
-                await sock.send(msgpack.packb({"type": "info", "v": 1}))
+                await sock.send(m.encode(m.PeerInfoRequest()))
                 if await sock.poll(1000):
-                    reply = msgpack.unpackb(await sock.recv(), raw=False)
-                    if isinstance(reply, dict) and reply.get("type") == "info":
+                    reply = m.decode(await sock.recv())
+                    if isinstance(reply, m.PeerInfo):
                         info = reply
                 if asyncio.get_running_loop().time() > deadline:
                     raise ValueError(f"--innode-prefill-ports: no engine answered on {port}")
             sock.close()
-            if info["role"] != "prefill":
+            if info.role != "prefill":
                 raise ValueError(f"--innode-prefill-ports: the node on {port} is "
-                                 f"{info['role']}, not prefill")  # fmt: skip
-            found.append(f"{info['host']}:{info['pd_comm_port']}")
+                                 f"{info.role}, not prefill")  # fmt: skip
+            found.append(f"{info.host}:{info.pd_comm_port}")
     finally:
         ctx.destroy(linger=0)
     return found

@@ -143,19 +143,18 @@ class EngineProcess:
             frames = self.peers.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        reply: dict = {"type": "error", "v": m.SCHEMA_VERSION, "message": "unknown request"}
+        reply: m.Message = m.PeerError(message="expected one peer_info? message")
         try:
-            if len(frames) == 2 and m.msgpack.unpackb(frames[1]) == {"type": "info", "v": 1}:
+            if len(frames) == 2 and isinstance(m.decode(frames[1]), m.PeerInfoRequest):
                 c = self.config
-                reply = {"type": "info", "v": m.SCHEMA_VERSION, "role": c.splitwise_role,
-                         "pd_comm_port": c.pd_comm_port, "host": c.advertise_host
-                         or c.internal_host}  # fmt: skip
-        except (ValueError, m.msgpack.ExtraData, m.msgpack.FormatError, m.msgpack.StackError):
-            pass
-        if reply["type"] == "error":
-            logger.warning("engine-worker-queue: rejected a message of %d frames", len(frames))
+                reply = m.PeerInfo(role=c.splitwise_role, pd_comm_port=c.pd_comm_port or 0,
+                                   host=c.advertise_host or c.internal_host)  # fmt: skip
+        except m.MessageError as e:
+            reply = m.PeerError(message=str(e))
+        if isinstance(reply, m.PeerError):
+            logger.warning("engine-worker-queue: rejected a message: %s", reply.message)
         if len(frames) >= 2:
-            self.peers.send_multipart([frames[0], m.msgpack.packb(reply)])
+            self.peers.send_multipart([frames[0], m.encode(reply)])
 
     def _stats(self) -> m.EngineStats:
         c = self.core

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
+
+from pdserve.wire import Codec, WireMessage
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of msgpack ints
@@ -21,9 +22,7 @@ class MessageError(ValueError):
     """A frame that is not a valid message of this schema version."""
 
 
-class _Msg(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-    TYPE: ClassVar[str] = ""
+_Msg = WireMessage
 
 
 class KVPushSpec(_Msg):
@@ -156,37 +155,35 @@ class PrefillDone(_Msg):
     transport: str = ""
 
 
-_ALL = (AddRequest, AbortRequests, Shutdown, StepOutputs, RequestFailed, EngineReady,
-        RemoteKVReady, RemotePrefillDone, RemoteRetry, PrefillDone)  # fmt: skip
+class PeerInfoRequest(_Msg):
+    """An in-host peer (a decode node given --innode-prefill-ports) asks the engine on its
+    engine-worker-queue port who it is."""
+
+    TYPE: ClassVar[str] = "peer_info?"
+
+
+class PeerInfo(_Msg):
+    TYPE: ClassVar[str] = "peer_info"
+    role: str
+    host: str
+    pd_comm_port: int
+
+
+class PeerError(_Msg):
+    TYPE: ClassVar[str] = "peer_error"
+    message: str
+
+
+_ALL = (PeerInfoRequest, PeerInfo, PeerError, AddRequest, AbortRequests, Shutdown, StepOutputs,
+        RequestFailed, EngineReady, RemoteKVReady, RemotePrefillDone, RemoteRetry,
+        PrefillDone)  # fmt: skip
 Message = (
     AddRequest | AbortRequests | Shutdown | StepOutputs | RequestFailed | EngineReady
-    | RemoteKVReady | RemotePrefillDone | RemoteRetry | PrefillDone
+    | RemoteKVReady | RemotePrefillDone | RemoteRetry | PrefillDone | PeerInfoRequest | PeerInfo
+    | PeerError
 )  # fmt: skip
-_TYPES: dict[str, type[_Msg]] = {cls.TYPE: cls for cls in _ALL}
 
 
-def encode(msg: Message) -> bytes:
-    return msgpack.packb({"type": msg.TYPE, "v": SCHEMA_VERSION, **msg.model_dump()})
-
-
-def decode(frame: bytes) -> Message:
-    """Parse and validate one frame; MessageError says what is wrong with it."""
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise MessageError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise MessageError(f"not msgpack: {e}") from None
-    if not isinstance(raw, dict):
-        raise MessageError("message is not a map")
-    kind, version = raw.pop("type", None), raw.pop("v", None)
-    if version != SCHEMA_VERSION:
-        raise MessageError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise MessageError(f"unknown message type {kind!r}")
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        raise MessageError(f"invalid {kind} message: {e.errors()[0]['msg']} at "
-                           f"{e.errors()[0]['loc']}") from None  # fmt: skip
+_CODEC: Codec = Codec(_ALL, SCHEMA_VERSION, MAX_MESSAGE_BYTES, MessageError)
+encode = _CODEC.encode
+decode = _CODEC.decode

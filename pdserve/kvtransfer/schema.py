@@ -13,9 +13,10 @@ import zlib
 from collections.abc import Sequence
 from typing import Annotated, ClassVar
 
-import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
+
+from pdserve.wire import Codec, WireMessage
 
 SCHEMA_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # bytes; 32k tokens in 64-token blocks is 512 ids, ~3 KB
@@ -29,9 +30,7 @@ class SchemaError(ValueError):
     """A frame that is not a valid KV transfer header of this schema version."""
 
 
-class _Header(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-    TYPE: ClassVar[str] = ""
+_Header = WireMessage
 
 
 class KVLayer(_Header):
@@ -73,7 +72,6 @@ class KVAck(_Header):
 
 
 Header = KVLayer | KVLayerIPC | KVDone | KVAck
-_TYPES: dict[str, type[_Header]] = {cls.TYPE: cls for cls in (KVLayer, KVLayerIPC, KVDone, KVAck)}
 
 
 def checksum(data: np.ndarray | bytes | memoryview, value: int = 0) -> int:
@@ -93,28 +91,7 @@ def blocks_checksum(layer_kv: np.ndarray, block_ids: Sequence[int]) -> int:
     return value
 
 
-def encode(header: Header) -> bytes:
-    return msgpack.packb({"type": header.TYPE, "v": SCHEMA_VERSION, **header.model_dump()})
-
-
-def decode(frame: bytes | memoryview) -> Header:
-    """Parse and validate one header frame; SchemaError says what is wrong with it."""
-    if len(frame) > MAX_HEADER_BYTES:
-        raise SchemaError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise SchemaError(f"not msgpack: {type(e).__name__}") from None
-    if not isinstance(raw, dict):
-        raise SchemaError(f"header is a {type(raw).__name__}, not a map")
-    kind, version = raw.pop("type", None), raw.pop("v", None)
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise SchemaError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise SchemaError(f"unknown header type {kind!r:.64}")
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SchemaError(f"invalid {kind} header: {err['msg']} at {err['loc']}") from None
+_CODEC: Codec = Codec((KVLayer, KVLayerIPC, KVDone, KVAck), SCHEMA_VERSION, MAX_HEADER_BYTES,
+                      SchemaError, "header")  # fmt: skip
+encode = _CODEC.encode
+decode = _CODEC.decode
