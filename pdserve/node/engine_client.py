@@ -133,8 +133,11 @@ class ZmqEngineClient:
         assert self.proc is not None
         code = await self.proc.wait()
         self.dead = True
-        logger.error("engine process exited with code %s; failing %d requests", code,
-                     len(self.queues))  # fmt: skip
+        if self.stopping:
+            logger.info("engine process exited with code %s", code)
+        else:
+            logger.error("engine process exited with code %s; failing %d requests", code,
+                         len(self.queues))  # fmt: skip
         for q in self.queues.values():
             q.put_nowait(EngineDeadError(f"engine process exited (code {code})"))
         if self.on_death is not None and not self.stopping:

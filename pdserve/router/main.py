@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -64,7 +65,9 @@ class RouterConfig:
                 default="",
                 help=f"{role} nodes' gRPC HOST:PORT (--pd-comm-port), comma-separated",
             )
-        p.add_argument("--api-key", default=None, help="bearer token required on the HTTP API")
+        p.add_argument(
+            "--api-key", default=None, help="bearer token required on the HTTP API (or FD_API_KEY)"
+        )
         p.add_argument("--max-concurrency", type=int, default=1024, help="requests in flight")
         p.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024)
 
@@ -81,7 +84,8 @@ class RouterConfig:
         return cls(a.tokenizer or a.model, a.host, a.port, a.metrics_port, a.pd_comm_port,
                    a.internal_host, nodes(a.prefill_nodes, "--prefill-nodes"),
                    nodes(a.decode_nodes, "--decode-nodes"), nodes(a.mixed_nodes, "--mixed-nodes"),
-                   a.api_key, a.max_concurrency, a.max_request_body_bytes)  # fmt: skip
+                   a.api_key or os.environ.get("FD_API_KEY") or None, a.max_concurrency,
+                   a.max_request_body_bytes)  # fmt: skip
 
 
 class RouterService(pb_grpc.RouterServicer):
