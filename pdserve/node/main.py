@@ -136,6 +136,9 @@ async def serve(config: EngineConfig) -> int:
     metrics = NodeMetrics()
     state = NodeState()
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a SIGTERM while loading drains
+        loop.add_signal_handler(sig, stop.set)
     exit_code = 0
 
     def on_death(code: int) -> None:
@@ -180,9 +183,6 @@ async def serve(config: EngineConfig) -> int:
     await metrics_runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
     await web.TCPSite(metrics_runner, config.host, config.metrics_port).start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     logger.info("serving %s as %s on http://%s:%d (metrics :%d, gRPC :%d), %d KV blocks of %d "
                 "tokens", config.model_name, config.splitwise_role, config.host, config.port,
                 config.metrics_port, config.pd_comm_port, engine.ready.num_blocks,
