@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pdserve.engine.engine_core import EngineCore, RequestOutput
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import StepPlan
+from pdserve.kvtransfer.sender import KVTransferError
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -56,6 +57,8 @@ class PrefillHandoff:
         self.unacked: dict[str, RequestOutput] = {}  # transfer id -> the held-back first token
         self.sent: dict[str, int] = {}  # transfer id -> KV bytes sent so far
         self.transport: dict[str, str] = {}  # transfer id -> "ipc" | "zmq"
+        self.failures: list[PrefillResult] = []  # transfers that failed before their ack
+        self.doomed: list[str] = []  # requests of failed transfers, to abort after the step
 
     def start(self, req: Request, transfer_id: str, destination, first_block: int) -> None:
         num_blocks = self.core.blocks.blocks_needed(req.num_prompt_tokens)
@@ -89,7 +92,11 @@ class PrefillHandoff:
 
         def hook(layer: int) -> None:
             for tid, src, offset in jobs:
-                self.sent[tid] += self.sender.send_layer(tid, layer, kv, src, offset)
+                if tid in self.sent:  # not failed earlier in this step
+                    try:
+                        self.sent[tid] += self.sender.send_layer(tid, layer, kv, src, offset)
+                    except (KVTransferError, ValueError) as e:
+                        self._fail(tid, str(e))
 
         return hook
 
@@ -108,15 +115,45 @@ class PrefillHandoff:
                 continue
             push = req.kv_push
             assert isinstance(push, KVPush)
-            self.sender.finish(push.transfer_id, self.num_layers,
-                               push.num_prompt_blocks - push.first_block)  # fmt: skip
+            if push.transfer_id not in self.sent:
+                continue  # it failed during this step; its result is reported already
+            try:
+                self.sender.finish(push.transfer_id, self.num_layers,
+                                   push.num_prompt_blocks - push.first_block)  # fmt: skip
+            except (KVTransferError, ValueError) as e:
+                self.pushing[out.request_id] = req
+                self._fail(push.transfer_id, str(e))
+                continue
             self.unacked[push.transfer_id] = out
+        self._abort_doomed()
         return kept
+
+    def _fail(self, transfer_id: str, error: str) -> None:
+        """A transfer that cannot go on (the decode node is gone, rejected a frame, timed out):
+        stop computing its prompt and report the failure to the frontend."""
+        logger.warning("KV transfer %s failed: %s", transfer_id, error)
+        sent = self.sent.pop(transfer_id, 0)
+        self.transport.pop(transfer_id, None)
+        self.sender.abort(transfer_id)
+        for rid, req in list(self.pushing.items()):
+            if isinstance(req.kv_push, KVPush) and req.kv_push.transfer_id == transfer_id:
+                del self.pushing[rid]
+                self.doomed.append(rid)  # aborted once the step that may be running is over
+                self.failures.append(PrefillResult(rid, False, error, None, sent))
+
+    def _abort_doomed(self) -> None:
+        for rid in self.doomed:
+            self.core.abort(rid)
+        self.doomed.clear()
 
     def poll(self) -> list[PrefillResult]:
         """Transfers acknowledged (or failed, or timed out) since the last poll."""
-        results = []
+        results, self.failures = self.failures, []
         for ack in self.sender.poll_acks():
+            if ack.transfer_id not in self.unacked:  # failed while the prompt is computing
+                if ack.transfer_id in self.sent and not ack.ok:
+                    self._fail(ack.transfer_id, ack.error)
+                continue
             out = self.unacked.pop(ack.transfer_id, None)
             sent = self.sent.pop(ack.transfer_id, 0)
             transport = self.transport.pop(ack.transfer_id, "")
@@ -126,11 +163,12 @@ class PrefillHandoff:
                         out.request_id, ack.ok, ack.error, out if ack.ok else None, sent, transport
                     )
                 )
+        self._abort_doomed()
         return results
 
     @property
     def busy(self) -> bool:
-        return bool(self.unacked)
+        return bool(self.unacked or self.failures)
 
     def abort(self, request_id: str) -> None:
         req = self.pushing.pop(request_id, None)

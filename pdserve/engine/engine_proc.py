@@ -132,6 +132,9 @@ class EngineProcess:
             if self.drain_deadline is not None:
                 raise ValueError("the node is shutting down")
             params = SamplingParams(**msg.params)
+            vocab = self.core.runner.model.config.vocab_size
+            if not all(0 <= t < vocab for t in msg.prompt_token_ids):
+                raise ValueError(f"prompt token ids must be in [0, {vocab}), the vocabulary")
             req = Request(msg.request_id, msg.prompt_token_ids, params, tuple(msg.eos_token_ids))
             self.role.add(req, msg)
         except (TypeError, ValueError) as e:

@@ -100,6 +100,7 @@ class RequestFailed(_Msg):
     request_id: str
     message: str
     unavailable: bool = False  # a serving failure (HTTP 503), not bad input (400)
+    prefill_failed: bool = False  # the remote prefill failed (the decode node is fine)
 
 
 class EngineReady(_Msg):

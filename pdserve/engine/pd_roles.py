@@ -63,7 +63,9 @@ class PrefillRole(MixedRole):
 
     def attach(self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller) -> None:
         self.core = core
-        self.pusher = PrefillHandoff(core, KVSender(ctx), ack_timeout_s=self.config.pd_timeout)
+        # a decode node that vanished must not stall this engine for long
+        sender = KVSender(ctx, send_timeout_s=1.0)
+        self.pusher = PrefillHandoff(core, sender, ack_timeout_s=self.config.pd_timeout)
         core.pusher = self.pusher
 
     def add(self, req: Request, msg: m.AddRequest) -> None:
@@ -150,6 +152,7 @@ class DecodeRole(MixedRole):
             m.RequestFailed(
                 request_id=msg.request_id,
                 unavailable=True,
+                prefill_failed=True,
                 message="the prefill node failed and --pd-fallback is fail",
             )
         ]

@@ -267,7 +267,11 @@ class KVSender:
             sock.setsockopt(zmq.SNDHWM, self._sndhwm)
             sock.setsockopt(zmq.LINGER, self._linger_ms)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a peer that is not there
-            sock.connect(endpoint)
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as e:
+                sock.close(linger=0)
+                raise ValueError(f"KV endpoint {endpoint!r}: {e}") from None
             self._sockets[endpoint] = sock
         return sock
 

@@ -22,7 +22,12 @@ from pdserve.engine.engine_proc import EXIT_BAD_CONFIG, EXIT_PORT_IN_USE
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
 from pdserve.metrics import NodeMetrics
-from pdserve.openai.engine_protocol import EngineDeadError, RequestRejected, TokenDelta
+from pdserve.openai.engine_protocol import (
+    EngineDeadError,
+    PrefillFailed,
+    RequestRejected,
+    TokenDelta,
+)
 
 logger = logging.getLogger("pdserve.node")
 
@@ -120,7 +125,9 @@ class ZmqEngineClient:
             elif isinstance(msg, m.RequestFailed):
                 q = self.queues.get(msg.request_id)
                 if q is not None:
-                    err = EngineDeadError if msg.unavailable else RequestRejected
+                    err = RequestRejected
+                    if msg.unavailable:
+                        err = PrefillFailed if msg.prefill_failed else EngineDeadError
                     q.put_nowait(err(msg.message))
             elif isinstance(msg, m.RemoteKVReady) and msg.transfer_id in self.retargets:
                 self.retargets.pop(msg.transfer_id).set_result(msg)

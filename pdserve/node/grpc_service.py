@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -13,7 +14,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
 from pdserve.node.engine_client import RemotePrefill, ZmqEngineClient
 from pdserve.node.proto_convert import delta_to_chunk, params_from_proto
-from pdserve.openai.engine_protocol import EngineDeadError, RequestRejected
+from pdserve.openai.engine_protocol import EngineDeadError, PrefillFailed, RequestRejected
 from pdserve.proto import health_pb2
 from pdserve.proto import health_pb2_grpc as health_grpc
 from pdserve.proto import pdserve_pb2 as pb
@@ -22,6 +23,7 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 logger = logging.getLogger("pdserve.node")
 
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of varints
+_TCP_ENDPOINT = re.compile(r"tcp://[A-Za-z0-9._:\[\]-]{1,253}:\d{1,5}")
 
 # decode role: (request id, prompt, params, prefill node addresses) -> the remote prefill step
 RemotePrefillFactory = Callable[[str, list[int], SamplingParams, list[str]], RemotePrefill]
@@ -60,6 +62,8 @@ class NodeService(pb_grpc.NodeServicer):
                 yield delta_to_chunk(delta)
         except RequestRejected as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PrefillFailed as e:  # not this node's fault: the router must not blame it
+            await context.abort(grpc.StatusCode.ABORTED, f"prefill failed: {e}")
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
@@ -78,6 +82,11 @@ class NodeService(pb_grpc.NodeServicer):
                 "exactly one KV destination (tensor parallelism is not built)",
             )
         dest = request.destinations[0]
+        if not _TCP_ENDPOINT.fullmatch(dest.zmq_endpoint):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"KV endpoint {dest.zmq_endpoint!r:.80} is not tcp://HOST:PORT",
+            )
         if request.block_size != self.info.block_size or request.kv_dtype != self.info.kv_dtype:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"KV layout mismatch: block size {request.block_size} / "

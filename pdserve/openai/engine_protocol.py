@@ -47,6 +47,11 @@ class EngineDeadError(EngineError):
     """The engine process is gone or unreachable (HTTP 503)."""
 
 
+class PrefillFailed(EngineDeadError):
+    """A decode node's remote prefill failed and --pd-fallback is fail (HTTP 503); the decode
+    node itself is fine."""
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """Submits requests to an engine and streams their tokens back."""

@@ -73,6 +73,8 @@ class RouterEngineClient:
                     code = e.code()
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise RequestRejected(e.details() or "rejected") from None
+                    if code == grpc.StatusCode.ABORTED:  # its prefill node failed, not it
+                        raise EngineDeadError(e.details() or "prefill failed") from None
                     if code in _NODE_FAULTS:
                         decode.failures += 1
                     logger.warning("decode node %s failed %s (%s: %s)", decode.addr,
