@@ -22,7 +22,7 @@ from pdserve.config import ModelConfig
 from pdserve.tokenizer import write_byte_tokenizer_files
 
 TINY_NAME = "tiny"
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_SEED = 20251125
 
 TINY_CONFIG: dict[str, Any] = {
@@ -35,7 +35,7 @@ TINY_CONFIG: dict[str, Any] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": 131072,  # as ERNIE-4.5-21B-A3B: its guide sets 131072
     "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0,
     "tie_word_embeddings": True,

@@ -221,7 +221,7 @@ def bad(*args: str, env: dict[str, str] | None = None, named: str) -> Any:
     bad("--tensor-parallel-size", "2", named="--tensor-parallel-size"),  # not built yet
     bad("--swap-space", "-1", named="--swap-space"),
     bad("--kv-cache-ratio", "0", named="--kv-cache-ratio"),
-    bad("--max-model-len", "100000", named="--max-model-len"),  # the tiny model has 4096
+    bad("--max-model-len", "200000", named="--max-model-len"),  # the tiny model has 131072
     bad(env={"FD_ATTENTION_BACKEND": "BOGUS"}, named="FD_ATTENTION_BACKEND"),
 ])  # fmt: skip
 def test_bad_flag_exits_2_naming_it(args: list[str], env: dict[str, str] | None,
