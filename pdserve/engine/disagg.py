@@ -32,7 +32,7 @@ class KVPush:
     transfer_id: str
     first_block: int  # the first prompt block the decode node still needs
     num_prompt_blocks: int
-    sent_upto: int  # prompt blocks [first_block, sent_upto) are final at the destination
+    sent_upto: int  # prompt blocks [first_block, sent_upto) are sent (each once, when final)
 
 
 @dataclass
@@ -82,7 +82,7 @@ class PrefillHandoff:
             push = req.kv_push
             if not isinstance(push, KVPush):
                 continue
-            end = min(-(-(req.num_computed_tokens + n) // bs), push.num_prompt_blocks)
+            end = _final_blocks(push, req.num_computed_tokens + n, req.num_prompt_tokens, bs)
             if end > push.sent_upto:
                 src = req.block_ids[push.sent_upto : end]
                 jobs.append((push.transfer_id, src, push.sent_upto - push.first_block))
@@ -105,8 +105,10 @@ class PrefillHandoff:
         (their first token) until their transfer is acknowledged."""
         bs = self.core.blocks.block_size
         for req in plan.requests:
-            if isinstance(req.kv_push, KVPush):
-                req.kv_push.sent_upto = max(req.kv_push.sent_upto, req.num_computed_tokens // bs)
+            push = req.kv_push
+            if isinstance(push, KVPush):
+                final = _final_blocks(push, req.num_computed_tokens, req.num_prompt_tokens, bs)
+                push.sent_upto = max(push.sent_upto, final)
         kept = []
         for out in outputs:
             req = self.pushing.pop(out.request_id, None)
@@ -183,6 +185,15 @@ class PrefillHandoff:
         self.sent.pop(transfer_id, None)
         self.transport.pop(transfer_id, None)
         self.sender.abort(transfer_id)
+
+
+def _final_blocks(push: KVPush, computed: int, prompt_len: int, block_size: int) -> int:
+    """Prompt blocks whose KV is final once `computed` tokens are: the full blocks, and the
+    last, partial one only with the whole prompt. Each block is sent exactly once, so the
+    receiver's "every layer of every block landed" really means the final bytes landed."""
+    if computed >= prompt_len:
+        return push.num_prompt_blocks
+    return min(computed // block_size, push.num_prompt_blocks)
 
 
 @dataclass

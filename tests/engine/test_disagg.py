@@ -157,3 +157,26 @@ def test_fallback_recomputes_locally_when_the_transfer_fails():
         assert pair.decode.blocks.num_free_blocks == pair.decode.blocks.num_blocks
     finally:
         pair.close()
+
+
+def test_chunked_prefill_sends_every_block_of_every_layer_exactly_once():
+    """The receiver counts (layer, block) pairs to decide a transfer is complete, so a block
+    sent early (partial) and again later would let a lost final copy go unnoticed."""
+    pair = Pair(ipc=False)
+    sent: list[tuple[int, int]] = []
+    sender = pair.pusher.sender
+    real = sender.send_layer
+
+    def recording(tid, layer, kv, src, offset=0):
+        dest = sender._transfers[tid].dest.block_ids
+        sent.extend((layer, b) for b in dest[offset : offset + len(src)])
+        return real(tid, layer, kv, src, offset)
+
+    sender.send_layer = recording
+    try:
+        p = prompts()[-1]  # 70 tokens in chunks of 24: blocks 1 and 4 are partial mid-prefill
+        got, _ = pair.generate(p, "once")
+        assert got == mixed(p)
+        assert len(sent) == len(set(sent)) == 4 * 5  # 4 layers x 5 blocks, no repeats
+    finally:
+        pair.close()
