@@ -4,11 +4,13 @@ or a mixed node, over gRPC `Node.Generate`."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.metrics import NodeMetrics
 from pdserve.node.proto_convert import chunk_to_delta, params_to_proto
 from pdserve.openai.engine_protocol import EngineDeadError, RequestRejected, TokenDelta
 from pdserve.proto import pdserve_pb2 as pb
@@ -23,9 +25,12 @@ STREAM_DEADLINE_S = 3600.0
 
 
 class RouterEngineClient:
-    def __init__(self, registry: Registry, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, registry: Registry, eos_token_ids: tuple[int, ...], metrics: NodeMetrics
+    ) -> None:
         self.registry = registry
         self.eos_token_ids = eos_token_ids
+        self.metrics = metrics
         self.inflight = 0
 
     @property
@@ -39,6 +44,10 @@ class RouterEngineClient:
         replaced once; after it, the stream ends with an error."""
         tried: set[str] = set()
         self.inflight += 1
+        mx = self.metrics
+        mx.running.set(self.inflight)
+        start = last = time.monotonic()
+        num_tokens = 0
         try:
             for attempt in range(2):
                 decode = self.registry.pick_decode(exclude=tried)
@@ -65,6 +74,14 @@ class RouterEngineClient:
                 try:
                     async for chunk in call:
                         started = True
+                        now = time.monotonic()
+                        (mx.tpot if num_tokens else mx.ttft).observe(now - last)
+                        last, num_tokens = now, num_tokens + len(chunk.token_ids)
+                        if chunk.finish_reason:
+                            mx.e2e.observe(now - start)
+                            mx.requests.labels(chunk.finish_reason).inc()
+                            mx.prompt_tokens.inc(chunk.num_prompt_tokens)
+                            mx.generation_tokens.inc(num_tokens)
                         yield chunk_to_delta(chunk, params.logprobs is not None)
                     decode.failures = 0
                     decode.served += 1
@@ -88,6 +105,7 @@ class RouterEngineClient:
                         n.inflight -= 1
         finally:
             self.inflight -= 1
+            mx.running.set(self.inflight)
 
     async def abort(self, request_id: str) -> None:
         """Aborts travel as gRPC cancellation of the Generate stream (see `generate`)."""

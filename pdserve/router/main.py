@@ -151,7 +151,7 @@ async def serve_router(config: RouterConfig) -> int:
         await asyncio.sleep(0.2)
     ref = registry.reference
     assert ref is not None
-    client = RouterEngineClient(registry, tokenizer.eos_token_ids)
+    client = RouterEngineClient(registry, tokenizer.eos_token_ids, metrics)
     serving = OpenAIServing(client, tokenizer, config.model, ref.max_model_len,
                             config.max_concurrency)  # fmt: skip
     app = build_app(serving, metrics, state, config.api_key, config.max_request_body_bytes)

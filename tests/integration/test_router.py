@@ -74,6 +74,9 @@ def test_router_1p1d_matches_mixed(node_factory, routers, mixed_outputs, protoco
     text = "".join(c.choices[0].text for c in router.client().completions.create(
         model="tiny", prompt=PROMPTS[3], stream=True, **GREEDY))  # fmt: skip
     assert text == mixed_outputs[3]
+    # the router measures what its clients see
+    assert router.metric("time_to_first_token_seconds_count") == 25
+    assert router.metric('request_success_total{finish_reason="length"}') == 25
     d.wait_blocks_free()
     p.wait_blocks_free()
 
