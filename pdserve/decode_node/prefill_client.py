@@ -70,9 +70,18 @@ class PrefillClient:
                     logger.warning("prefill of %s on %s failed: %s %s", request_id, addr,
                                    e.code().name, e.details())  # fmt: skip
                     errors.append(f"{addr}: {e.code().name} {e.details()}")
+                    await self._stop(addr, request_id)
             return RemoteResult(ok=False, error="; ".join(errors) or "no prefill node")
 
         return run
+
+    async def _stop(self, addr: str, request_id: str) -> None:
+        """Make sure a failed prefill node writes no more into our blocks (through shared
+        memory nothing else could stop it) before they are reused; a dead node writes nothing."""
+        try:
+            await self.stub(addr).Abort(pb.AbortRequest(request_ids=[request_id]), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            logger.info("abort of %s on %s: %s", request_id, addr, e.code().name)
 
     async def _prefill(
         self, addr: str, ready: m.RemoteKVReady, tid: str, prompt: list[int],

@@ -119,6 +119,8 @@ class EngineProcess:
                 for rid in msg.request_ids:
                     self.role.abort(rid)
                     self.core.abort(rid)
+                if msg.ack:  # between steps: nothing of these requests is in flight any more
+                    self._send(m.Aborted(request_ids=msg.request_ids))
             elif isinstance(msg, (m.RemotePrefillDone, m.RemoteRetry)):
                 for reply in self.role.remote_done(msg):
                     if isinstance(reply, m.StepOutputs):

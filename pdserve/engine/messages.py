@@ -52,6 +52,12 @@ class AddRequest(_Msg):
 class AbortRequests(_Msg):
     TYPE: ClassVar[str] = "abort"
     request_ids: list[str]
+    ack: bool = False  # answer with Aborted once done (no step touches them any more)
+
+
+class Aborted(_Msg):
+    TYPE: ClassVar[str] = "aborted"
+    request_ids: list[str]
 
 
 class Shutdown(_Msg):
@@ -175,11 +181,12 @@ class PeerError(_Msg):
     message: str
 
 
-_ALL = (PeerInfoRequest, PeerInfo, PeerError, AddRequest, AbortRequests, Shutdown, StepOutputs,
+_ALL = (PeerInfoRequest, PeerInfo, PeerError, AddRequest, AbortRequests, Aborted, Shutdown,
+        StepOutputs,
         RequestFailed, EngineReady, RemoteKVReady, RemotePrefillDone, RemoteRetry,
         PrefillDone)  # fmt: skip
 Message = (
-    AddRequest | AbortRequests | Shutdown | StepOutputs | RequestFailed | EngineReady
+    AddRequest | AbortRequests | Aborted | Shutdown | StepOutputs | RequestFailed | EngineReady
     | RemoteKVReady | RemotePrefillDone | RemoteRetry | PrefillDone | PeerInfoRequest | PeerInfo
     | PeerError
 )  # fmt: skip

@@ -69,6 +69,7 @@ class ZmqEngineClient:
         self.dead = False
         self.stopping = False
         self.retargets: dict[str, asyncio.Future[m.RemoteKVReady]] = {}  # new transfer id ->
+        self.abort_waiters: dict[str, list[asyncio.Future[None]]] = {}  # request id ->
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -129,6 +130,11 @@ class ZmqEngineClient:
                     if msg.unavailable:
                         err = PrefillFailed if msg.prefill_failed else EngineDeadError
                     q.put_nowait(err(msg.message))
+            elif isinstance(msg, m.Aborted):
+                for rid in msg.request_ids:
+                    for fut in self.abort_waiters.pop(rid, []):
+                        if not fut.done():
+                            fut.set_result(None)
             elif isinstance(msg, m.RemoteKVReady) and msg.transfer_id in self.retargets:
                 self.retargets.pop(msg.transfer_id).set_result(msg)
             elif isinstance(msg, (m.RemoteKVReady, m.PrefillDone)):
@@ -261,9 +267,25 @@ class ZmqEngineClient:
             if not done and not self.dead:
                 await self.abort(request_id)
 
-    async def abort(self, request_id: str) -> None:
-        if not self.dead:
+    async def abort(self, request_id: str, wait: bool = False) -> None:
+        """Abort a request in the engine; with `wait`, return only once the engine confirmed it
+        (so no KV write of it is still in flight, e.g. into a decode node's shared memory)."""
+        if self.dead:
+            return
+        if not wait:
             await self._send(m.AbortRequests(request_ids=[request_id]))
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.abort_waiters.setdefault(request_id, []).append(fut)
+        await self._send(m.AbortRequests(request_ids=[request_id], ack=True))
+        try:
+            await asyncio.wait_for(fut, 10.0)
+        finally:
+            waiters = self.abort_waiters.get(request_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self.abort_waiters.pop(request_id, None)
 
     async def _send(self, msg: m.Message) -> None:
         await self.to_engine.send(m.encode(msg))

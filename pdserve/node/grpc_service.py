@@ -14,7 +14,12 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
 from pdserve.node.engine_client import RemotePrefill, ZmqEngineClient
 from pdserve.node.proto_convert import delta_to_chunk, params_from_proto
-from pdserve.openai.engine_protocol import EngineDeadError, PrefillFailed, RequestRejected
+from pdserve.openai.engine_protocol import (
+    EngineDeadError,
+    PrefillFailed,
+    RequestAborted,
+    RequestRejected,
+)
 from pdserve.proto import health_pb2
 from pdserve.proto import health_pb2_grpc as health_grpc
 from pdserve.proto import pdserve_pb2 as pb
@@ -64,6 +69,8 @@ class NodeService(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except PrefillFailed as e:  # not this node's fault: the router must not blame it
             await context.abort(grpc.StatusCode.ABORTED, f"prefill failed: {e}")
+        except RequestAborted as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
@@ -109,6 +116,8 @@ class NodeService(pb_grpc.NodeServicer):
                                              params, push)  # fmt: skip
         except RequestRejected as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RequestAborted as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         if not done.ok or done.output is None:
@@ -126,7 +135,11 @@ class NodeService(pb_grpc.NodeServicer):
     ) -> pb.AbortReply:
         known = [rid for rid in request.request_ids if rid in self.engine.queues]
         for rid in request.request_ids:
-            await self.engine.abort(rid)
+            # replies once the engine is between steps: nothing of it is still being written
+            await self.engine.abort(rid, wait=True)
+            q = self.engine.queues.get(rid)
+            if q is not None:  # end its Generate / Prefill call instead of leaving it waiting
+                q.put_nowait(RequestAborted("aborted by an Abort call"))
         return pb.AbortReply(aborted=len(known))
 
     async def GetLoad(  # noqa: N802

@@ -47,6 +47,10 @@ class EngineDeadError(EngineError):
     """The engine process is gone or unreachable (HTTP 503)."""
 
 
+class RequestAborted(EngineDeadError):
+    """Someone aborted the request at the node (the gRPC Abort call) while it ran (HTTP 503)."""
+
+
 class PrefillFailed(EngineDeadError):
     """A decode node's remote prefill failed and --pd-fallback is fail (HTTP 503); the decode
     node itself is fine."""

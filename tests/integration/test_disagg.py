@@ -47,3 +47,39 @@ def test_decode_prefix_cache_moves_only_missing_blocks(node_factory):
     assert again.choices[0].text == first.choices[0].text
     assert again.usage.prompt_tokens_details.cached_tokens >= 16 * 29
     assert decode.metric("kv_bytes_received_total") - moved < moved / 10  # only the last block
+
+
+def test_abort_rpc_ends_running_calls_and_frees_blocks(node_factory):
+    """`Node.Abort` ends a running Generate (and the Prefill it waits on) promptly, instead of
+    leaving the callers waiting, and only answers once the engines hold nothing of it."""
+    import asyncio
+
+    import grpc
+
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.node.proto_convert import params_to_proto
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+    prefill, decode = one_p_one_d(node_factory, "ipc,zmq")
+    params = params_to_proto(SamplingParams(max_tokens=1800, ignore_eos=True, temperature=0))
+
+    async def run() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{decode.grpc_port}") as ch:
+            stub = pb_grpc.NodeStub(ch)
+            call = stub.Generate(pb.GenerateRequest(
+                request_id="ab", prompt_token_ids=list(range(8, 200)), params=params,
+                prefill_node=f"127.0.0.1:{prefill.grpc_port}"), timeout=60)  # fmt: skip
+            await call.read()  # the first token: decoding has started
+            reply = await stub.Abort(pb.AbortRequest(request_ids=["ab"]), timeout=10)
+            assert reply.aborted == 1
+            try:
+                while await asyncio.wait_for(call.read(), 10) != grpc.aio.EOF:
+                    pass
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+            return grpc.StatusCode.OK
+
+    assert asyncio.run(run()) == grpc.StatusCode.ABORTED
+    decode.wait_blocks_free()
+    prefill.wait_blocks_free()
