@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="compute backend")
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
+    g.add_argument("--quantization", choices=("wint8", "wint4"), default=None,
+                   help="weight-only quantization at load")  # fmt: skip
     g.add_argument(
         "--max-model-len",
         type=int,
@@ -98,9 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pdserve.engine.llm import LLM
 
     params = _sampling_params(args)
-    llm = LLM(
-        args.model, args.backend, args.block_size, args.max_model_len, progress=sys.stderr.isatty()
-    )
+    llm = LLM(args.model, args.backend, args.block_size, args.max_model_len,
+              quantization=args.quantization, progress=sys.stderr.isatty())  # fmt: skip
     tok = llm.tokenizer
     if args.chat:
         prompt_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))

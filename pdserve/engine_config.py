@@ -37,8 +37,9 @@ class EngineConfig:
                                 choices=("mixed", "prefill", "decode"))  # fmt: skip
     tensor_parallel_size: int = _flag("tensor-parallel ranks", default=1)
     backend: str = _flag("compute backend", default="auto", choices=("numpy", "cupy", "auto"))
-    quantization: str | None = _flag("weight quantization: wint8, wint4, block_wise_fp8",
-                                     default=None)  # fmt: skip
+    quantization: str | None = _flag(
+        "weight-only quantization at load: wint8, wint4 (block_wise_fp8: not built yet)",
+        default=None)  # fmt: skip
     max_model_len: int = _flag("longest prompt + output, in tokens", default=2048)
     max_num_seqs: int = _flag("running requests at most", default=8)
     max_num_batched_tokens: int | None = _flag(
@@ -120,7 +121,7 @@ class EngineConfig:
         """Accepted for FastDeploy compatibility, not implemented yet: say so."""
         unbuilt = {
             "tensor_parallel_size": self.tensor_parallel_size != 1,
-            "quantization": self.quantization not in (None, "none"),
+            "quantization": self.quantization not in (None, "none", "wint8", "wint4"),
             "speculative_config": self.speculative_config is not None,
             "graph_optimization_config": self.graph_optimization_config is not None,
             "use_cudagraph": self.use_cudagraph,

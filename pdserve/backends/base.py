@@ -28,6 +28,10 @@ class Ops(ABC):
         """A float32 host tensor on the device, in the backend's weight dtype (fp32 if asked)."""
 
     @abstractmethod
+    def linear_weight(self, host: np.ndarray, quantization: str | None) -> Array:
+        """A linear weight [..., out, in], quantized at load when asked (wint8, wint4)."""
+
+    @abstractmethod
     def to_device(self, host: np.ndarray) -> Array:
         """Move a host array (ids, positions, tables) to the device unchanged."""
 

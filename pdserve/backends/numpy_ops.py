@@ -6,6 +6,7 @@ import numpy as np
 
 from pdserve.backends.base import Ops
 from pdserve.model.forward_batch import ForwardBatch
+from pdserve.model.quant import QuantizedWeight, quantize
 
 
 class NumpyOps(Ops):
@@ -13,6 +14,11 @@ class NumpyOps(Ops):
 
     def weight(self, host: np.ndarray, fp32: bool = False) -> np.ndarray:
         return np.ascontiguousarray(host, dtype=np.float32)
+
+    def linear_weight(
+        self, host: np.ndarray, quantization: str | None
+    ) -> np.ndarray | QuantizedWeight:
+        return self.weight(host) if quantization is None else quantize(host, quantization)
 
     def to_device(self, host: np.ndarray) -> np.ndarray:
         return np.asarray(host)
@@ -39,7 +45,9 @@ class NumpyOps(Ops):
         residual = residual + x
         return self.rms_norm(residual, weight, eps), residual
 
-    def linear(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    def linear(self, x: np.ndarray, weight: np.ndarray | QuantizedWeight) -> np.ndarray:
+        if isinstance(weight, QuantizedWeight):
+            weight = weight.dequantize()
         return x @ weight.T
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
@@ -131,6 +139,6 @@ class NumpyOps(Ops):
         for e, lo, hi in zip(experts, bounds[:-1], bounds[1:]):
             pairs = order[lo:hi]
             tokens = pairs // ids.shape[1]
-            h = self.silu_mul(x[tokens] @ gate_up[e].T) @ down[e].T  # [n, H]
+            h = self.linear(self.silu_mul(self.linear(x[tokens], gate_up[e])), down[e])  # [n, H]
             np.add.at(out, tokens, h * weights.reshape(-1)[pairs, None])
         return out

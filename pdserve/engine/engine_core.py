@@ -149,7 +149,8 @@ def build_engine_core(
     """Load the model of a node's EngineConfig and size its KV pool; `kv_pool(shape)` may
     provide the pool's memory (shared memory on a decode node)."""
     ops = get_ops(config.backend)
-    model = load_model(resolve_model_path(config.model), ops, progress=False)
+    quant = None if config.quantization in (None, "none") else config.quantization
+    model = load_model(resolve_model_path(config.model), ops, progress=False, quantization=quant)
     c = model.config
     if config.max_model_len > c.max_position_embeddings:
         raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "

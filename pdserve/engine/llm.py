@@ -34,13 +34,15 @@ class LLM:
         enable_prefix_caching: bool = True,
         kv_cache_ratio: float = 0.75,
         num_host_blocks: int = 0,
+        quantization: str | None = None,
         progress: bool = True,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {block_size}")
         self.model_dir = resolve_model_path(model)
         self.ops = get_ops(backend)
-        self.model = load_model(self.model_dir, self.ops, progress=progress)
+        self.model = load_model(self.model_dir, self.ops, progress=progress,
+                                quantization=quantization)  # fmt: skip
         self.tokenizer: Tokenizer = load_tokenizer(self.model_dir)
         c = self.model.config
         self.max_model_len = min(max_model_len or c.max_position_embeddings,

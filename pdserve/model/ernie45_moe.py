@@ -21,7 +21,7 @@ from pdserve.model.weights import (
 
 
 class ErnieMoeAttention:
-    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights) -> None:
+    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights, quant: str | None) -> None:
         self.ops = ops
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -29,8 +29,8 @@ class ErnieMoeAttention:
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.theta = config.rope_theta
         self.scale = config.head_dim**-0.5
-        self.qkv = ops.weight(w.qkv)
-        self.o = ops.weight(w.o)
+        self.qkv = ops.linear_weight(w.qkv, quant)
+        self.o = ops.linear_weight(w.o, quant)
 
     def __call__(self, x: Array, kv_layer: Array, batch: ForwardBatch) -> Array:
         ops, t = self.ops, x.shape[0]
@@ -48,10 +48,10 @@ class ErnieMoeAttention:
 class ErnieMoeMLP:
     """SwiGLU MLP: the dense layers and the fused shared experts."""
 
-    def __init__(self, ops: Ops, w: MLPWeights) -> None:
+    def __init__(self, ops: Ops, w: MLPWeights, quant: str | None) -> None:
         self.ops = ops
-        self.gate_up = ops.weight(w.gate_up)
-        self.down = ops.weight(w.down)
+        self.gate_up = ops.linear_weight(w.gate_up, quant)
+        self.down = ops.linear_weight(w.down, quant)
 
     def __call__(self, x: Array) -> Array:
         return self.ops.linear(self.ops.silu_mul(self.ops.linear(x, self.gate_up)), self.down)
@@ -60,15 +60,15 @@ class ErnieMoeMLP:
 class ErnieMoeSparseBlock:
     """Routed experts (top-k of a float32 softmax plus correction bias) and shared experts."""
 
-    def __init__(self, ops: Ops, config: ModelConfig, w: MoEWeights) -> None:
+    def __init__(self, ops: Ops, config: ModelConfig, w: MoEWeights, quant: str | None) -> None:
         self.ops = ops
         self.top_k = config.moe_k
         self.norm_min = config.moe_norm_min
         self.router = ops.weight(w.router, fp32=True)
         self.correction_bias = ops.weight(w.correction_bias, fp32=True)
-        self.gate_up = ops.weight(w.gate_up)
-        self.down = ops.weight(w.down)
-        self.shared = ErnieMoeMLP(ops, w.shared) if w.shared is not None else None
+        self.gate_up = ops.linear_weight(w.gate_up, quant)  # [E, 2I, H]
+        self.down = ops.linear_weight(w.down, quant)  # [E, H, I]
+        self.shared = ErnieMoeMLP(ops, w.shared, quant) if w.shared is not None else None
 
     def __call__(self, x: Array) -> Array:
         weights, ids = self.ops.moe_route(
@@ -81,17 +81,17 @@ class ErnieMoeSparseBlock:
 
 
 class ErnieMoeDecoderLayer:
-    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights) -> None:
+    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights, quant: str | None) -> None:
         self.ops = ops
         self.eps = config.rms_norm_eps
         self.input_norm = ops.weight(w.input_norm)
         self.post_attention_norm = ops.weight(w.post_attention_norm)
-        self.self_attn = ErnieMoeAttention(ops, config, w)
+        self.self_attn = ErnieMoeAttention(ops, config, w, quant)
         self.mlp: ErnieMoeMLP | ErnieMoeSparseBlock
         if isinstance(w.mlp, MoEWeights):
-            self.mlp = ErnieMoeSparseBlock(ops, config, w.mlp)
+            self.mlp = ErnieMoeSparseBlock(ops, config, w.mlp, quant)
         else:
-            self.mlp = ErnieMoeMLP(ops, w.mlp)
+            self.mlp = ErnieMoeMLP(ops, w.mlp, quant)
 
     def __call__(
         self, x: Array, residual: Array | None, kv_layer: Array, batch: ForwardBatch
@@ -109,11 +109,14 @@ class ErnieMoeDecoderLayer:
 class ErnieMoeForCausalLM:
     """The whole model. `forward` writes the batch's KV into `kv_cache` and returns logits."""
 
-    def __init__(self, ops: Ops, config: ModelConfig, weights: ModelWeights) -> None:
+    def __init__(
+        self, ops: Ops, config: ModelConfig, weights: ModelWeights, quantization: str | None = None
+    ) -> None:
         self.ops = ops
         self.config = config
+        self.quantization = quantization  # of the decoder layers' linears; embeddings stay float
         self.embed = ops.weight(weights.embed)
-        self.layers = [ErnieMoeDecoderLayer(ops, config, w) for w in weights.layers]
+        self.layers = [ErnieMoeDecoderLayer(ops, config, w, quantization) for w in weights.layers]
         self.norm = ops.weight(weights.norm)
         tied = weights.lm_head is weights.embed
         self.lm_head = self.embed if tied else ops.weight(weights.lm_head)
@@ -136,7 +139,11 @@ class ErnieMoeForCausalLM:
         return self.ops.linear(x, self.lm_head)  # [L, V]
 
 
-def load_model(model_dir: str | Path, ops: Ops, progress: bool = True) -> ErnieMoeForCausalLM:
-    """Read config.json and the safetensors checkpoint of `model_dir` onto the backend `ops`."""
+def load_model(
+    model_dir: str | Path, ops: Ops, progress: bool = True, quantization: str | None = None
+) -> ErnieMoeForCausalLM:
+    """Read config.json and the safetensors checkpoint of `model_dir` onto the backend `ops`,
+    quantizing the decoder layers' linears at load if asked (wint8, wint4)."""
     config = ModelConfig.from_hf(model_dir)
-    return ErnieMoeForCausalLM(ops, config, load_weights(model_dir, config, progress))
+    weights = load_weights(model_dir, config, progress)
+    return ErnieMoeForCausalLM(ops, config, weights, quantization)

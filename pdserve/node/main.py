@@ -74,7 +74,9 @@ def node_info(config: EngineConfig, engine: ZmqEngineClient, tokenizer_fp: str) 
         engine_worker_queue_port=config.engine_worker_queue_port,
         cache_queue_port=config.cache_queue_port, tp_size=config.tensor_parallel_size,
         backend=config.backend, block_size=engine.ready.block_size,
-        kv_dtype=engine.ready.kv_dtype, model_fingerprint=model_fingerprint(model_dir),
+        kv_dtype=engine.ready.kv_dtype,
+        # nodes must compute the same KV: the weights and how they are quantized
+        model_fingerprint=f"{model_fingerprint(model_dir)}/{config.quantization or 'none'}",
         tokenizer_fingerprint=tokenizer_fp, num_blocks=engine.ready.num_blocks,
         host_id=engine.ready.host_id, max_model_len=engine.ready.max_model_len,
     )  # fmt: skip

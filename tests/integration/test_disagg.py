@@ -83,3 +83,15 @@ def test_abort_rpc_ends_running_calls_and_frees_blocks(node_factory):
     assert asyncio.run(run()) == grpc.StatusCode.ABORTED
     decode.wait_blocks_free()
     prefill.wait_blocks_free()
+
+
+def test_quantized_1p1d_matches_a_quantized_mixed_node(node_factory):
+    """--quantization wint4 on every node: the disaggregated tokens are the quantized model's."""
+    quant = ("--quantization", "wint4")
+    mixed = node_factory(*COMMON, *quant)
+    prefill = node_factory("--splitwise-role", "prefill", *COMMON, *quant)
+    decode = node_factory("--splitwise-role", "decode", "--innode-prefill-ports",
+                          str(prefill.engine_port), *COMMON, *quant)  # fmt: skip
+    want = complete_all(mixed, PROMPTS[:8])
+    assert complete_all(decode, PROMPTS[:8]) == want
+    assert decode.metric("pd_fallback_total") == 0
