@@ -57,7 +57,8 @@ def test_demo_streams_a_chat_through_router_prefill_and_decode_and_stops_them():
     proc = run("demo", "--max-tokens", "12")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip()) > 0
-    assert "12 generated" in proc.stderr and "TTFT" in proc.stderr
+    generated = int(proc.stderr.split(" generated;")[0].rsplit(" ", 1)[1])
+    assert 1 <= generated <= 12 and "TTFT" in proc.stderr  # sampled: eos may come early
     moved = float(proc.stderr.split("KV moved prefill -> decode: ")[1].split(" KiB")[0])
     assert moved > 0  # the prompt's KV really crossed from the prefill to the decode node
     assert "stopped router and nodes (exit codes [0, 0, 0])" in proc.stderr

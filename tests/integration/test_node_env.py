@@ -25,7 +25,9 @@ def test_two_nodes_with_one_queue_id_do_not_collide(tmp_path, node_factory):
         sockets = glob.glob(str(tmp_path / "pdserve-7-*"))
         assert len(sockets) == 4  # two per node, all named after the queue id
         for n in (a, b):
-            out = n.client().completions.create(model="tiny", prompt="x", max_tokens=3)
+            out = n.client().completions.create(
+                model="tiny", prompt="x", max_tokens=3, extra_body={"ignore_eos": True}
+            )
             assert out.usage.completion_tokens == 3
     finally:
         assert a.stop() == 0 and b.stop() == 0
