@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="compute backend")
     g.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
-    g.add_argument("--quantization", choices=("wint8", "wint4"), default=None,
+    g.add_argument("--quantization", choices=("wint8", "wint4", "block_wise_fp8"), default=None,
                    help="weight-only quantization at load")  # fmt: skip
     g.add_argument(
         "--max-model-len",

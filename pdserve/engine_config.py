@@ -38,7 +38,7 @@ class EngineConfig:
     tensor_parallel_size: int = _flag("tensor-parallel ranks", default=1)
     backend: str = _flag("compute backend", default="auto", choices=("numpy", "cupy", "auto"))
     quantization: str | None = _flag(
-        "weight-only quantization at load: wint8, wint4 (block_wise_fp8: not built yet)",
+        "weight-only quantization at load: wint8, wint4, block_wise_fp8",
         default=None)  # fmt: skip
     max_model_len: int = _flag("longest prompt + output, in tokens", default=2048)
     max_num_seqs: int = _flag("running requests at most", default=8)
@@ -121,7 +121,8 @@ class EngineConfig:
         """Accepted for FastDeploy compatibility, not implemented yet: say so."""
         unbuilt = {
             "tensor_parallel_size": self.tensor_parallel_size != 1,
-            "quantization": self.quantization not in (None, "none", "wint8", "wint4"),
+            "quantization": self.quantization
+            not in (None, "none", "wint8", "wint4", "block_wise_fp8"),
             "speculative_config": self.speculative_config is not None,
             "graph_optimization_config": self.graph_optimization_config is not None,
             "use_cudagraph": self.use_cudagraph,

@@ -1,8 +1,12 @@
-"""Weight-only quantization at load (`--quantization wint8|wint4`), FastDeploy's names.
+"""Weight-only quantization at load (`--quantization wint8|wint4|block_wise_fp8`), FastDeploy's
+names.
 
-Symmetric, per output channel: w ~= q * scale with q in [-127, 127] (wint8) or [-7, 7] (wint4,
-two values packed per byte). Activations stay in the backend's float type; a linear dequantizes
-its weight where it is used. The NumPy backend is the reference for the GPU kernels to come.
+wint8 / wint4: symmetric, per output channel: w ~= q * scale with q in [-127, 127] or [-7, 7]
+(two 4-bit values packed per byte). block_wise_fp8: 128 x 128 blocks, each scaled so its largest
+magnitude is 448 and stored as float8 e4m3fn codes (1 sign, 4 exponent bits with bias 7, 3 mantissa
+bits, subnormals, no infinities), the layout FastDeploy and DeepSeek use. Activations stay in the
+backend's float type; a linear dequantizes its weight where it is used. The NumPy backend is the
+reference for the GPU kernels to come.
 """
 
 from __future__ import annotations
@@ -11,8 +15,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("wint8", "wint4")
+METHODS = ("wint8", "wint4", "block_wise_fp8")
 _QMAX = {"wint8": 127, "wint4": 7}
+FP8_BLOCK = 128  # rows and columns per fp8 scale
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def _e4m3_table() -> np.ndarray:
+    """The float32 value of every e4m3fn code (0x7F and 0xFF are NaN and never produced)."""
+    c = np.arange(256)
+    sign = np.where(c >> 7, -1.0, 1.0)
+    exp, mant = (c >> 3) & 15, c & 7
+    val = np.where(exp == 0, mant * 2.0**-9, (1 + mant / 8) * 2.0 ** (exp - 7.0))
+    return (sign * val).astype(np.float32)
+
+
+_E4M3 = _e4m3_table()
 
 
 @dataclass(frozen=True)
@@ -20,12 +38,15 @@ class QuantizedWeight:
     """A linear weight [..., out, in] as integers and a float32 scale per output channel."""
 
     method: str
-    q: np.ndarray  # int8 [..., out, in], or uint8 [..., out, in / 2] (wint4: low nibble first)
-    scale: np.ndarray  # float32 [..., out]
+    # int8 [..., out, in]; wint4: uint8 [..., out, in / 2], low nibble first; fp8: uint8 codes
+    q: np.ndarray
+    scale: np.ndarray  # float32 [..., out]; fp8: [..., out / 128, in / 128] (rounded up)
     in_features: int
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.method == "block_wise_fp8":
+            return self.q.shape
         return (*self.scale.shape, self.in_features)
 
     @property
@@ -37,6 +58,10 @@ class QuantizedWeight:
         return QuantizedWeight(self.method, self.q[i], self.scale[i], self.in_features)
 
     def dequantize(self) -> np.ndarray:
+        if self.method == "block_wise_fp8":
+            out, n = self.q.shape[-2:]
+            scale = self.scale.repeat(FP8_BLOCK, axis=-2).repeat(FP8_BLOCK, axis=-1)
+            return _E4M3[self.q] * scale[..., :out, :n]
         q = _unpack4(self.q, self.in_features) if self.method == "wint4" else self.q
         return q.astype(np.float32) * self.scale[..., None]
 
@@ -45,8 +70,10 @@ def quantize(w: np.ndarray, method: str) -> QuantizedWeight:
     """Quantize a float weight [..., out, in]; ValueError for an unknown method."""
     if method not in METHODS:
         raise ValueError(f"--quantization {method!r}: choose one of {', '.join(METHODS)}")
-    qmax = _QMAX[method]
     w = np.asarray(w, dtype=np.float32)
+    if method == "block_wise_fp8":
+        return _quantize_fp8(w)
+    qmax = _QMAX[method]
     amax = np.abs(w).max(axis=-1)  # [..., out]
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[..., None]), -qmax, qmax).astype(np.int8)
@@ -67,3 +94,31 @@ def _unpack4(p: np.ndarray, n: int) -> np.ndarray:
     out[..., 0::2] = (p & 0x0F).astype(np.int8) - 8
     out[..., 1::2] = (p >> 4).astype(np.int8) - 8
     return out[..., :n]
+
+
+def _quantize_fp8(w: np.ndarray) -> QuantizedWeight:
+    *lead, out, n = w.shape
+    ob, ib = -(-out // FP8_BLOCK), -(-n // FP8_BLOCK)
+    padded = np.zeros((*lead, ob * FP8_BLOCK, ib * FP8_BLOCK), np.float32)
+    padded[..., :out, :n] = w
+    blocks = padded.reshape(*lead, ob, FP8_BLOCK, ib, FP8_BLOCK)
+    amax = np.abs(blocks).max(axis=(-3, -1))  # [..., ob, ib]
+    scale = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+    full = scale.repeat(FP8_BLOCK, axis=-2).repeat(FP8_BLOCK, axis=-1)[..., :out, :n]
+    return QuantizedWeight("block_wise_fp8", _e4m3_encode(w / full), scale, n)
+
+
+def _e4m3_encode(x: np.ndarray) -> np.ndarray:
+    """Round to the nearest e4m3fn value (ties to even), as uint8 codes; |x| <= 448."""
+    a = np.minimum(np.abs(x), FP8_MAX)
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(np.maximum(a, 2.0**-10)))
+    e = np.maximum(e, -6)  # below 2^-6: subnormals, steps of 2^-9
+    r = np.minimum(np.rint(a / 2.0 ** (e - 3)) * 2.0 ** (e - 3), FP8_MAX)
+    normal = r >= 2.0**-6
+    with np.errstate(divide="ignore"):
+        e2 = np.floor(np.log2(np.maximum(r, 2.0**-10)))
+    exp = np.where(normal, e2 + 7, 0)
+    mant = np.where(normal, r / 2.0**e2 * 8 - 8, r / 2.0**-9)
+    code = (exp.astype(np.uint8) << 3) | mant.astype(np.uint8)
+    return np.where(x < 0, code | 0x80, code).astype(np.uint8)
