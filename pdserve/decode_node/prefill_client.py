@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -164,7 +163,3 @@ async def discover_innode_prefill(ports: list[int], host: str, timeout_s: float 
     finally:
         ctx.destroy(linger=0)
     return found
-
-
-def new_transfer_id(request_id: str) -> str:
-    return f"{request_id}/{uuid.uuid4().hex[:8]}"

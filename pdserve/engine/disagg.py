@@ -212,7 +212,6 @@ class DecodeHandoff:
         self.num_layers = core.runner.model.config.num_hidden_layers
         self.waiting: dict[str, RemoteWait] = {}  # request id ->
         self.landed: dict[str, int] = {}  # transfer id -> bytes, transfers complete and acked
-        self.bytes_received = 0
 
     def admitted(self, req: Request, transfer_id: str) -> RemoteWait:
         """Blocks are held: expect the prompt blocks not already cached here."""
@@ -228,7 +227,6 @@ class DecodeHandoff:
         for result in self.receiver.poll():
             if result.ok:
                 self.landed[result.transfer_id] = result.bytes
-                self.bytes_received += result.bytes
             else:
                 logger.warning("KV transfer %s failed: %s", result.transfer_id, result.error)
 

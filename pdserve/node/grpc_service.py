@@ -13,7 +13,7 @@ from pdserve.engine import messages as m
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
 from pdserve.node.engine_client import RemotePrefill, ZmqEngineClient
-from pdserve.node.proto_convert import delta_to_chunk, params_from_proto
+from pdserve.node.proto_convert import delta_to_chunk, load_info, params_from_proto
 from pdserve.openai.engine_protocol import (
     EngineDeadError,
     PrefillFailed,
@@ -145,10 +145,7 @@ class NodeService(pb_grpc.NodeServicer):
     async def GetLoad(  # noqa: N802
         self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadInfo:
-        s = self.engine.stats
-        return pb.LoadInfo(num_running=s.num_running, num_waiting=s.num_waiting,
-                           free_blocks=s.num_free_blocks, total_blocks=s.num_blocks,
-                           queued_prefill_tokens=s.queued_prefill_tokens)  # fmt: skip
+        return load_info(self.engine.stats)
 
     async def GetInfo(  # noqa: N802
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext

@@ -26,6 +26,7 @@ from pdserve.model.tiny import resolve_model_path
 from pdserve.node.engine_client import ZmqEngineClient
 from pdserve.node.grpc_service import HealthService, NodeService
 from pdserve.node.grpc_service import grpc_server as grpc_server_for
+from pdserve.node.proto_convert import load_info
 from pdserve.node.server import NodeState, build_app, build_metrics_app
 from pdserve.openai.engine_protocol import EngineClient
 from pdserve.openai.serving import OpenAIServing
@@ -96,10 +97,7 @@ async def register_loop(router: str, info: pb.NodeInfo, engine: ZmqEngineClient)
                         return
                     interval, known = reply.heartbeat_interval_s or 1.0, True
                     logger.info("registered with router %s", router)
-                s = engine.stats
-                load = pb.LoadInfo(num_running=s.num_running, num_waiting=s.num_waiting,
-                                   free_blocks=s.num_free_blocks, total_blocks=s.num_blocks,
-                                   queued_prefill_tokens=s.queued_prefill_tokens)  # fmt: skip
+                load = load_info(engine.stats)
                 hb = await stub.Heartbeat(pb.HeartbeatRequest(node_id=info.node_id, load=load),
                                           timeout=5)  # fmt: skip
                 known = hb.known

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pdserve.engine.messages import EngineStats
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.openai.engine_protocol import TokenDelta
 from pdserve.proto import pdserve_pb2 as pb
+
+
+def load_info(s: EngineStats) -> pb.LoadInfo:
+    """A node's load as GetLoad answers it and heartbeats carry it."""
+    return pb.LoadInfo(num_running=s.num_running, num_waiting=s.num_waiting,
+                       free_blocks=s.num_free_blocks, total_blocks=s.num_blocks,
+                       queued_prefill_tokens=s.queued_prefill_tokens)  # fmt: skip
 
 
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
