@@ -18,6 +18,8 @@ class NumpyOps(Ops):
     def linear_weight(
         self, host: np.ndarray, quantization: str | None
     ) -> np.ndarray | QuantizedWeight:
+        if isinstance(host, QuantizedWeight):  # quantized whole, then sharded (tensor parallel)
+            return host
         return self.weight(host) if quantization is None else quantize(host, quantization)
 
     def to_device(self, host: np.ndarray) -> np.ndarray:

@@ -113,10 +113,17 @@ class ModelRunner:
 
     def execute(
         self, chunks: Sequence[SeqChunk], after_layer: Callable[[int], None] | None = None
-    ) -> np.ndarray:
-        """Run one forward pass; logits [L, V] float32 on the host, in chunk order.
-        `after_layer(i)` runs once layer i's KV of this batch is in the pool."""
-        batch = self.build_batch(chunks)
+    ) -> np.ndarray | None:
+        """Run one forward pass; logits [L, V] float32 on the host, in chunk order (None on
+        tensor-parallel ranks but 0). `after_layer(i)` runs once layer i's KV of this batch is
+        in the pool."""
+        return self.execute_batch(self.build_batch(chunks), after_layer)
+
+    def execute_batch(
+        self, batch: ForwardBatch, after_layer: Callable[[int], None] | None = None
+    ) -> np.ndarray | None:
         batch.after_layer = after_layer
         logits = self.model.forward(batch, self.kv_cache)
+        if logits is None:
+            return None
         return self.ops.to_host(logits).astype(np.float32, copy=False)

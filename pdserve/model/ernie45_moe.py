@@ -10,7 +10,9 @@ from pathlib import Path
 
 from pdserve.backends.base import Array, Ops
 from pdserve.config import ModelConfig
+from pdserve.engine.tp_group import SingleRank, TPGroup
 from pdserve.model.forward_batch import ForwardBatch
+from pdserve.model.tp_shard import TPLayout, shard_weights
 from pdserve.model.weights import (
     LayerWeights,
     MLPWeights,
@@ -21,12 +23,17 @@ from pdserve.model.weights import (
 
 
 class ErnieMoeAttention:
-    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights, quant: str | None) -> None:
+    """This rank's heads (all of them at TP 1); the output is summed over the ranks."""
+
+    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights, quant: str | None,
+                 tp: TPGroup, layout: TPLayout) -> None:  # fmt: skip
         self.ops = ops
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.heads = layout.heads
+        self.kv_heads = layout.kv_heads
         self.head_dim = config.head_dim
-        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.q_size = layout.heads * config.head_dim
+        self.kv_size = layout.kv_heads * config.head_dim
         self.theta = config.rope_theta
         self.scale = config.head_dim**-0.5
         self.qkv = ops.linear_weight(w.qkv, quant)
@@ -42,33 +49,40 @@ class ErnieMoeAttention:
         k = ops.rope(k, batch.positions, self.theta)
         ops.write_kv(kv_layer, k, v, batch.slot_mapping)
         out = ops.paged_attention(q, kv_layer, batch, self.scale)  # [T, heads, D]
-        return ops.linear(out.reshape(t, self.q_size), self.o)
+        return self.tp.all_reduce(ops.linear(out.reshape(t, self.q_size), self.o))  # [T, H]
 
 
 class ErnieMoeMLP:
-    """SwiGLU MLP: the dense layers and the fused shared experts."""
+    """SwiGLU MLP: the dense layers and the fused shared experts. With tensor parallelism each
+    rank holds a slice of the intermediate units and returns its partial sum; `tp` (dense
+    layers) sums them, shared experts leave that to their sparse block."""
 
-    def __init__(self, ops: Ops, w: MLPWeights, quant: str | None) -> None:
+    def __init__(self, ops: Ops, w: MLPWeights, quant: str | None, tp: TPGroup | None) -> None:
         self.ops = ops
+        self.tp = tp
         self.gate_up = ops.linear_weight(w.gate_up, quant)
         self.down = ops.linear_weight(w.down, quant)
 
     def __call__(self, x: Array) -> Array:
-        return self.ops.linear(self.ops.silu_mul(self.ops.linear(x, self.gate_up)), self.down)
+        out = self.ops.linear(self.ops.silu_mul(self.ops.linear(x, self.gate_up)), self.down)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class ErnieMoeSparseBlock:
     """Routed experts (top-k of a float32 softmax plus correction bias) and shared experts."""
 
-    def __init__(self, ops: Ops, config: ModelConfig, w: MoEWeights, quant: str | None) -> None:
+    def __init__(
+        self, ops: Ops, config: ModelConfig, w: MoEWeights, quant: str | None, tp: TPGroup
+    ) -> None:
         self.ops = ops
+        self.tp = tp
         self.top_k = config.moe_k
         self.norm_min = config.moe_norm_min
         self.router = ops.weight(w.router, fp32=True)
         self.correction_bias = ops.weight(w.correction_bias, fp32=True)
         self.gate_up = ops.linear_weight(w.gate_up, quant)  # [E, 2I, H]
         self.down = ops.linear_weight(w.down, quant)  # [E, H, I]
-        self.shared = ErnieMoeMLP(ops, w.shared, quant) if w.shared is not None else None
+        self.shared = ErnieMoeMLP(ops, w.shared, quant, None) if w.shared is not None else None
 
     def __call__(self, x: Array) -> Array:
         weights, ids = self.ops.moe_route(
@@ -77,21 +91,22 @@ class ErnieMoeSparseBlock:
         out = self.ops.moe_experts(x, weights, ids, self.gate_up, self.down)
         if self.shared is not None:
             out = out + self.shared(x)  # unweighted
-        return out
+        return self.tp.all_reduce(out)  # [T, H]
 
 
 class ErnieMoeDecoderLayer:
-    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights, quant: str | None) -> None:
+    def __init__(self, ops: Ops, config: ModelConfig, w: LayerWeights, quant: str | None,
+                 tp: TPGroup, layout: TPLayout) -> None:  # fmt: skip
         self.ops = ops
         self.eps = config.rms_norm_eps
         self.input_norm = ops.weight(w.input_norm)
         self.post_attention_norm = ops.weight(w.post_attention_norm)
-        self.self_attn = ErnieMoeAttention(ops, config, w, quant)
+        self.self_attn = ErnieMoeAttention(ops, config, w, quant, tp, layout)
         self.mlp: ErnieMoeMLP | ErnieMoeSparseBlock
         if isinstance(w.mlp, MoEWeights):
-            self.mlp = ErnieMoeSparseBlock(ops, config, w.mlp, quant)
+            self.mlp = ErnieMoeSparseBlock(ops, config, w.mlp, quant, tp)
         else:
-            self.mlp = ErnieMoeMLP(ops, w.mlp, quant)
+            self.mlp = ErnieMoeMLP(ops, w.mlp, quant, tp)
 
     def __call__(
         self, x: Array, residual: Array | None, kv_layer: Array, batch: ForwardBatch
@@ -107,27 +122,43 @@ class ErnieMoeDecoderLayer:
 
 
 class ErnieMoeForCausalLM:
-    """The whole model. `forward` writes the batch's KV into `kv_cache` and returns logits."""
+    """The whole model, or one tensor-parallel rank's shard of it (`tp`, `layout`). `forward`
+    writes the batch's KV into `kv_cache` and returns logits."""
 
     def __init__(
-        self, ops: Ops, config: ModelConfig, weights: ModelWeights, quantization: str | None = None
+        self,
+        ops: Ops,
+        config: ModelConfig,
+        weights: ModelWeights,
+        quantization: str | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         self.ops = ops
         self.config = config
         self.quantization = quantization  # of the decoder layers' linears; embeddings stay float
+        self.tp: TPGroup = tp or SingleRank()
+        self.layout = TPLayout.of(config, self.tp.rank, self.tp.size)
+        if self.tp.size > 1:  # linears come back quantized already, sharded after quantizing
+            weights = shard_weights(weights, config, self.layout, quantization)
         self.embed = ops.weight(weights.embed)
-        self.layers = [ErnieMoeDecoderLayer(ops, config, w, quantization) for w in weights.layers]
+        self.layers = [
+            ErnieMoeDecoderLayer(ops, config, w, quantization, self.tp, self.layout)
+            for w in weights.layers
+        ]
         self.norm = ops.weight(weights.norm)
         tied = weights.lm_head is weights.embed
         self.lm_head = self.embed if tied else ops.weight(weights.lm_head)
+        if tied and self.tp.size > 1:  # this rank's vocabulary slice of the embedding
+            self.lm_head = self.embed[self.layout.vocab_start : self.layout.vocab_end]
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """[layers, 2, blocks, block_size, kv_heads, head_dim] of one KV pool."""
+        """[layers, 2, blocks, block_size, kv_heads, head_dim] of one rank's KV pool."""
         c = self.config
-        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        return (c.num_hidden_layers, 2, num_blocks, block_size, self.layout.kv_heads, c.head_dim)
 
-    def forward(self, batch: ForwardBatch, kv_cache: Array) -> Array:
-        """Logits [L, V] float32 for the rows batch.logits_indices of the T input tokens."""
+    def forward(self, batch: ForwardBatch, kv_cache: Array) -> Array | None:
+        """Logits [L, V] float32 for the rows batch.logits_indices of the T input tokens (on
+        rank 0; other ranks return None)."""
         x = self.ops.embedding(self.embed, batch.input_ids)  # [T, H]
         residual = None
         for i, layer in enumerate(self.layers):
@@ -136,14 +167,21 @@ class ErnieMoeForCausalLM:
                 batch.after_layer(i)
         x, _ = self.ops.add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps)
         x = x[batch.logits_indices]  # [L, H]
-        return self.ops.linear(x, self.lm_head)  # [L, V]
+        return self.tp.gather(self.ops.linear(x, self.lm_head))  # [L, V]
 
 
 def load_model(
-    model_dir: str | Path, ops: Ops, progress: bool = True, quantization: str | None = None
+    model_dir: str | Path,
+    ops: Ops,
+    progress: bool = True,
+    quantization: str | None = None,
+    tp: TPGroup | None = None,
 ) -> ErnieMoeForCausalLM:
     """Read config.json and the safetensors checkpoint of `model_dir` onto the backend `ops`,
-    quantizing the decoder layers' linears at load if asked (wint8, wint4)."""
+    quantizing the decoder layers' linears at load if asked (wint8, wint4, block_wise_fp8), and
+    keeping only rank tp.rank's shard."""
     config = ModelConfig.from_hf(model_dir)
+    if tp is not None:
+        TPLayout.of(config, tp.rank, tp.size)  # refuse a size the model does not split into
     weights = load_weights(model_dir, config, progress)
-    return ErnieMoeForCausalLM(ops, config, weights, quantization)
+    return ErnieMoeForCausalLM(ops, config, weights, quantization, tp)

@@ -11,7 +11,7 @@ reference for the GPU kernels to come.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,6 +42,10 @@ class QuantizedWeight:
     q: np.ndarray
     scale: np.ndarray  # float32 [..., out]; fp8: [..., out / 128, in / 128] (rounded up)
     in_features: int
+    # fp8 only, once rows or columns were taken out (a tensor-parallel shard): the scale block
+    # of each remaining row [out] and column [in]; None means row // 128, column // 128
+    row_block: np.ndarray | None = None
+    col_block: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,13 +59,38 @@ class QuantizedWeight:
 
     def __getitem__(self, i: int) -> QuantizedWeight:
         """One matrix of a stack (an expert of [E, out, in])."""
-        return QuantizedWeight(self.method, self.q[i], self.scale[i], self.in_features)
+        return replace(self, q=self.q[i], scale=self.scale[i])
+
+    def take(self, index: np.ndarray, axis: int) -> QuantizedWeight:
+        """Rows (axis -2) or columns (axis -1) `index` of the matrices, codes and scales kept as
+        they are: a shard dequantizes to exactly the same values as in the whole weight."""
+        index = np.asarray(index, dtype=np.int64)
+        if axis not in (-1, -2):
+            raise ValueError("take rows (axis -2) or columns (axis -1)")
+        if self.method == "block_wise_fp8":
+            rows, cols = self._blocks()
+            if axis == -2:
+                return replace(self, q=self.q[..., index, :], row_block=rows[index],
+                               col_block=cols)  # fmt: skip
+            return replace(self, q=self.q[..., index], in_features=index.size, row_block=rows,
+                           col_block=cols[index])  # fmt: skip
+        if axis == -2:
+            return replace(self, q=self.q[..., index, :], scale=self.scale[..., index])
+        if self.method == "wint4":
+            return replace(self, q=_pack4(_unpack4(self.q, self.in_features)[..., index]),
+                           in_features=index.size)  # fmt: skip
+        return replace(self, q=self.q[..., index], in_features=index.size)
+
+    def _blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        out, n = self.q.shape[-2:]
+        rows = np.arange(out) // FP8_BLOCK if self.row_block is None else self.row_block
+        cols = np.arange(n) // FP8_BLOCK if self.col_block is None else self.col_block
+        return rows, cols
 
     def dequantize(self) -> np.ndarray:
         if self.method == "block_wise_fp8":
-            out, n = self.q.shape[-2:]
-            scale = self.scale.repeat(FP8_BLOCK, axis=-2).repeat(FP8_BLOCK, axis=-1)
-            return _E4M3[self.q] * scale[..., :out, :n]
+            rows, cols = self._blocks()
+            return _E4M3[self.q] * self.scale[..., rows[:, None], cols[None, :]]
         q = _unpack4(self.q, self.in_features) if self.method == "wint4" else self.q
         return q.astype(np.float32) * self.scale[..., None]
 
