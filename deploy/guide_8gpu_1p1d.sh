@@ -5,12 +5,10 @@
 # node reaching the prefill node through --innode-prefill-ports), with `fastdeploy` replaced by
 # `pdserve`. Clients call the decode node's port, 8184.
 #
-# NOT RUNNABLE AS IS YET: pdserve accepts --tensor-parallel-size 4 but refuses it ("not
-# implemented yet in pdserve", exit code 2) until tensor parallelism lands; the quantization
-# (wint8, wint4, block_wise_fp8) works. Until then, run the same layout on the CPU with the
-# built-in model:
+# On a machine without GPUs the same commands run on the CPU with the built-in model (each node
+# then runs 4 tensor-parallel ranks as processes; the tests run exactly this):
 #
-#   MODEL=tiny TP=1 bash deploy/guide_8gpu_1p1d.sh
+#   MODEL=tiny bash deploy/guide_8gpu_1p1d.sh
 #
 # It starts the prefill node, waits for its /health, starts the decode node, waits for its
 # /health, sends one chat request to the decode node and prints the response, then keeps both
@@ -84,7 +82,7 @@ COMMON_ARGS=(--model "$MODEL" --tensor-parallel-size "$TP")
 command -v curl >/dev/null 2>&1 || die "curl is needed to check health and send the request"
 [[ $MODEL == tiny || -d $MODEL ]] ||
     die "MODEL=$MODEL is not a directory: download ERNIE-4.5-21B-A3B-Paddle there first," \
-        "set MODEL=/path/to/it, or try MODEL=tiny TP=1"
+        "set MODEL=/path/to/it, or try MODEL=tiny"
 resolve_python
 LOG_ROOT=${LOG_ROOT:-.}
 mkdir -p "$LOG_ROOT/log_prefill" "$LOG_ROOT/log_decode"

@@ -109,6 +109,8 @@ class EngineConfig:
         if not protocols or not set(protocols) <= {"ipc", "zmq"}:
             raise ValueError(f"--cache-transfer-protocol {self.cache_transfer_protocol!r}: "
                              "use ipc, zmq or ipc,zmq")  # fmt: skip
+        if self.tensor_parallel_size < 1:
+            raise ValueError("--tensor-parallel-size must be >= 1")
         if self.pd_timeout <= 0:
             raise ValueError("--pd-timeout must be > 0 seconds")
         if self.timeout_graceful_shutdown < 0:
@@ -120,7 +122,7 @@ class EngineConfig:
     def _refuse_unbuilt(self) -> None:
         """Accepted for FastDeploy compatibility, not implemented yet: say so."""
         unbuilt = {
-            "tensor_parallel_size": self.tensor_parallel_size != 1,
+            "tensor_parallel_size": self.tensor_parallel_size > 1 and self.backend == "cupy",
             "quantization": self.quantization
             not in (None, "none", "wint8", "wint4", "block_wise_fp8"),
             "speculative_config": self.speculative_config is not None,

@@ -13,6 +13,7 @@ import zmq.asyncio
 from pdserve.engine import messages as m
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
+from pdserve.kvtransfer.receiver import kv_endpoint
 from pdserve.node.engine_client import RemotePrefill, RemoteResult, ZmqEngineClient
 from pdserve.node.grpc_service import MAX_GRPC_MESSAGE_BYTES
 from pdserve.node.proto_convert import params_to_proto
@@ -36,11 +37,15 @@ class PrefillClient:
         self.config = config
         self.engine = engine
         host = config.advertise_host or config.internal_host
-        self.destination = dict(
-            zmq_endpoint=f"tcp://{host}:{config.cache_queue_port}",
-            shm_name=engine.ready.kv_shm_name, host_id=engine.ready.host_id,
-            pool_blocks=engine.ready.num_blocks,
-        )  # fmt: skip
+        ready = engine.ready
+        names = ready.kv_shm_names or [ready.kv_shm_name]
+        # rank r's KV agent listens on cache-queue-port + r, its pool is its own segment
+        self.destinations = [
+            dict(rank=r, zmq_endpoint=kv_endpoint(host, config.cache_queue_port, r),
+                 shm_name=names[r] if r < len(names) else "", host_id=ready.host_id,
+                 pool_blocks=ready.num_blocks)
+            for r in range(config.tensor_parallel_size)
+        ]  # fmt: skip
         self.stubs: dict[str, pb_grpc.NodeStub] = {}
         self.channels: list[grpc.aio.Channel] = []
 
@@ -87,11 +92,11 @@ class PrefillClient:
         params: SamplingParams,
     ) -> RemoteResult:  # fmt: skip
         assert self.engine.ready is not None
-        dest = pb.KVDestination(rank=0, block_ids=ready.block_ids, **self.destination)
+        dests = [pb.KVDestination(block_ids=ready.block_ids, **d) for d in self.destinations]
         req = pb.PrefillRequest(
             request_id=ready.request_id, transfer_id=tid, prompt_token_ids=prompt,
             params=params_to_proto(params), eos_token_ids=list(self.engine.eos_token_ids),
-            first_block=ready.first_block, destinations=[dest],
+            first_block=ready.first_block, destinations=dests,
             kv_dtype=self.engine.ready.kv_dtype, block_size=self.engine.ready.block_size,
             checksum=self.config.kv_checksum,
         )  # fmt: skip

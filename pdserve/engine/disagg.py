@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pdserve.engine.engine_core import EngineCore, RequestOutput
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import StepPlan
+from pdserve.engine.worker_protocol import KVJob
 from pdserve.kvtransfer.sender import KVTransferError
 
 logger = logging.getLogger("pdserve.engine")
@@ -33,6 +34,17 @@ class KVPush:
     first_block: int  # the first prompt block the decode node still needs
     num_prompt_blocks: int
     sent_upto: int  # prompt blocks [first_block, sent_upto) are sent (each once, when final)
+
+
+@dataclass
+class LayerPush:
+    """A step's per-layer hook on rank 0 and the same pushes for the other ranks."""
+
+    hook: Callable[[int], None]
+    jobs: list[KVJob]
+
+    def __call__(self, layer: int) -> None:
+        self.hook(layer)
 
 
 @dataclass
@@ -60,22 +72,26 @@ class PrefillHandoff:
         self.failures: list[PrefillResult] = []  # transfers that failed before their ack
         self.doomed: list[str] = []  # requests of failed transfers, to abort after the step
 
-    def start(self, req: Request, transfer_id: str, destination, first_block: int) -> None:
+    def start(self, req: Request, transfer_id: str, destinations: list, first_block: int) -> None:
+        """Push `req`'s prompt KV from block `first_block` on: rank r's shard to
+        `destinations[r]` (a `Destination` per tensor-parallel rank)."""
         num_blocks = self.core.blocks.blocks_needed(req.num_prompt_tokens)
         if not 0 <= first_block < num_blocks:
             raise ValueError(f"first_block {first_block} outside the prompt's {num_blocks} blocks")
-        if len(destination.block_ids) != num_blocks - first_block:
-            raise ValueError(f"{len(destination.block_ids)} destination blocks for "
-                             f"{num_blocks - first_block} prompt blocks")  # fmt: skip
+        for dest in destinations:
+            if len(dest.block_ids) != num_blocks - first_block:
+                raise ValueError(f"{len(dest.block_ids)} destination blocks for "
+                                 f"{num_blocks - first_block} prompt blocks")  # fmt: skip
         req.kv_push = KVPush(transfer_id, first_block, num_blocks, first_block)
         self.transport[transfer_id] = self.sender.start(
-            transfer_id, destination, timeout_s=self.ack_timeout_s
+            transfer_id, destinations, timeout_s=self.ack_timeout_s
         )
         self.pushing[req.request_id] = req
         self.sent[transfer_id] = 0
 
-    def layer_hook(self, plan: StepPlan) -> Callable[[int], None] | None:
-        """What to send as each layer of this step's forward pass completes."""
+    def layer_hook(self, plan: StepPlan) -> LayerPush | None:
+        """What to send as each layer of this step's forward pass completes (every rank sends
+        its shard of the same blocks)."""
         bs = self.core.blocks.block_size
         jobs = []
         for req, n in zip(plan.requests, plan.num_new_tokens):
@@ -98,7 +114,8 @@ class PrefillHandoff:
                     except (KVTransferError, ValueError) as e:
                         self._fail(tid, str(e))
 
-        return hook
+        return LayerPush(hook, [KVJob(transfer_id=t, src_blocks=list(s), dst_offset=o)
+                                for t, s, o in jobs])  # fmt: skip
 
     def after_step(self, plan: StepPlan, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Advance what is final at the destinations; hold back the outputs of pushed requests
@@ -157,7 +174,7 @@ class PrefillHandoff:
                     self._fail(ack.transfer_id, ack.error)
                 continue
             out = self.unacked.pop(ack.transfer_id, None)
-            sent = self.sent.pop(ack.transfer_id, 0)
+            sent = self.sent.pop(ack.transfer_id, 0) + ack.worker_bytes
             transport = self.transport.pop(ack.transfer_id, "")
             if out is not None:
                 results.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,9 +17,11 @@ from pdserve.engine.model_runner import ModelRunner, SeqChunk
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from pdserve.engine.tp_group import TPGroup
 from pdserve.engine_config import EngineConfig
 from pdserve.model.ernie45_moe import ErnieMoeForCausalLM, load_model
 from pdserve.model.tiny import resolve_model_path
+from pdserve.model.tp_shard import TPLayout
 
 # KV pool size on the NumPy backend when no block count is given (GPU sizing comes from memory).
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
@@ -52,7 +55,7 @@ class RequestOutput:
 class StepHooks(Protocol):
     """What the prefill role adds to a step: a per-layer callback and held-back outputs."""
 
-    def layer_hook(self, plan: StepPlan) -> Callable[[int], None] | None: ...
+    def layer_hook(self, plan: StepPlan) -> Any: ...  # disagg.LayerPush | None
 
     def after_step(self, plan: StepPlan, outputs: list[RequestOutput]) -> list[RequestOutput]: ...
 
@@ -70,8 +73,10 @@ class EngineCore:
         enable_prefix_caching: bool = True,
         num_host_blocks: int = 0,
         kv_cache: Any = None,
+        workers: Any = None,
     ) -> None:
-        self.runner = ModelRunner(model, ops, num_blocks, block_size, num_host_blocks, kv_cache)
+        self.runner = ModelRunner(model, ops, num_blocks, block_size, num_host_blocks, kv_cache,
+                                  workers)  # fmt: skip
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
         self.requests: dict[str, Request] = {}
@@ -109,7 +114,8 @@ class EngineCore:
             for r, n in zip(plan.requests, plan.num_new_tokens)
         ]
         hook = self.pusher.layer_hook(plan) if self.pusher else None
-        logits = self.runner.execute(chunks, hook)  # [S, V], one row per chunk's last token
+        jobs = hook.jobs if hook is not None else []
+        logits = self.runner.execute(chunks, hook, jobs)  # [S, V], a row per chunk's last token
         ready = []  # rows whose chunk reaches the end of the request's tokens: sample those
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             req.num_computed_tokens += n
@@ -143,21 +149,40 @@ class EngineCore:
         )  # fmt: skip
 
 
-def build_engine_core(
-    config: EngineConfig, kv_pool: Callable[[tuple[int, ...]], Any] | None = None
-) -> EngineCore:
-    """Load the model of a node's EngineConfig and size its KV pool; `kv_pool(shape)` may
-    provide the pool's memory (shared memory on a decode node)."""
-    ops = get_ops(config.backend)
-    quant = None if config.quantization in (None, "none") else config.quantization
-    model = load_model(resolve_model_path(config.model), ops, progress=False, quantization=quant)
-    c = model.config
+def kv_sizing(config: EngineConfig) -> tuple[Path, ModelConfig, int, int]:
+    """The model's path and config, and the device and host KV blocks of every rank: what
+    rank 0 decides before its workers start. ValueError naming the flag on a bad value."""
+    path = resolve_model_path(config.model)
+    c = ModelConfig.from_hf(path)
     if config.max_model_len > c.max_position_embeddings:
         raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
                          f"max_position_embeddings ({c.max_position_embeddings})")  # fmt: skip
+    TPLayout.of(c, 0, config.tensor_parallel_size)  # refuses a size the model cannot split
     num_blocks = config.num_gpu_blocks_override or default_num_blocks(
         c, config.block_size, config.max_model_len, config.max_num_seqs
     )
+    num_host_blocks = int(config.swap_space * 2**30) // kv_block_bytes(c, config.block_size)
+    return path, c, num_blocks, num_host_blocks
+
+
+def build_engine_core(
+    config: EngineConfig,
+    kv_pool: Callable[[tuple[int, ...]], Any] | None = None,
+    tp: TPGroup | None = None,
+    workers: Any = None,
+) -> EngineCore:
+    """Load the model of a node's EngineConfig (rank tp.rank's shard) and size its KV pool;
+    `kv_pool(shape)` may provide the pool's memory (shared memory on a decode node);
+    `workers` are ranks 1.. of a tensor-parallel node (engine/workers.py)."""
+    ops = get_ops(config.backend)
+    if config.tensor_parallel_size > 1 and ops.name != "numpy":
+        raise ValueError(
+            f"--tensor-parallel-size {config.tensor_parallel_size}: the {ops.name} backend "
+            "has no all-reduce between GPUs yet; use --backend numpy"
+        )
+    quant = None if config.quantization in (None, "none") else config.quantization
+    path, c, num_blocks, num_host_blocks = kv_sizing(config)
+    model = load_model(path, ops, progress=False, quantization=quant, tp=tp)
     sched = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.batched_tokens,
@@ -165,7 +190,6 @@ def build_engine_core(
         enable_chunked_prefill=config.enable_chunked_prefill,
         kv_cache_ratio=config.kv_cache_ratio,
     )
-    num_host_blocks = int(config.swap_space * 2**30) // kv_block_bytes(c, config.block_size)
     pool = kv_pool(model.kv_cache_shape(num_blocks, config.block_size)) if kv_pool else None
     return EngineCore(model, ops, num_blocks, config.block_size, sched,
-                      config.enable_prefix_caching, num_host_blocks, pool)  # fmt: skip
+                      config.enable_prefix_caching, num_host_blocks, pool, workers)  # fmt: skip

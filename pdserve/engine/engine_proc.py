@@ -20,10 +20,13 @@ import time
 import zmq
 
 from pdserve.engine import messages as m
-from pdserve.engine.engine_core import EngineCore, build_engine_core
+from pdserve.engine import worker_protocol as w
+from pdserve.engine.engine_core import EngineCore, build_engine_core, kv_sizing
 from pdserve.engine.pd_roles import make_role, token_out
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.tp_group import TPError, ZmqGroup
+from pdserve.engine.workers import WorkerGroup, WorkerPlan
 from pdserve.engine_config import EngineConfig
 from pdserve.kvtransfer.shm_pool import host_id
 from pdserve.log import setup_logging
@@ -46,26 +49,38 @@ class EngineProcess:
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 2000)
         self.outbox.connect(out_addr)
-        # Further TP ranks and in-host peers will talk to the engine here; today nothing does,
-        # and whatever arrives is answered with an error.
+        # TP ranks 1.. (workers) and in-host peers (decode nodes finding prefill nodes) talk to
+        # the engine here; anything else is answered with an error.
         self.peers = self.ctx.socket(zmq.ROUTER)
         self.peers.setsockopt(zmq.MAXMSGSIZE, m.MAX_MESSAGE_BYTES)
         self.peers.bind(f"tcp://{config.internal_host}:{config.engine_worker_queue_port}")
         self.role = make_role(config)
-        self.core: EngineCore = build_engine_core(config, self.role.kv_pool)
+        self.workers: WorkerGroup | None = None
+        tp = None
+        size = config.tensor_parallel_size
+        if size > 1:  # start the workers first: they load their shards while rank 0 loads
+            _, _, num_blocks, num_host_blocks = kv_sizing(config)
+            plan = WorkerPlan(size, in_addr[len("ipc://") :] + "-tp", num_blocks,
+                              num_host_blocks, self.role.kv_shm_names(size))  # fmt: skip
+            self.workers = WorkerGroup(config, plan, self.peers)
+            tp = ZmqGroup(0, size, plan.tp_address, alive=self.workers.alive)
+        self.tp = tp
+        self.core: EngineCore = build_engine_core(config, self.role.kv_pool, tp, self.workers)
+        if self.workers is not None:
+            self.workers.wait_ready(self._pump_peers)
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
         self.poller.register(self.peers, zmq.POLLIN)
-        self.role.attach(self.core, self.ctx, self.poller)
+        self.role.attach(self.core, self.ctx, self.poller, self.workers)
         c, blocks, runner = self.core.runner.model.config, self.core.blocks, self.core.runner
         logger.info(
             "engine ready: %s (%d layers, %d experts top-%d), backend %s, KV pool %d blocks of %d "
             "tokens (%.1f MiB), host tier %d blocks, prefix caching %s, chunked prefill %s, "
-            "role %s",
+            "role %s, tensor parallel %d",
             config.model, c.num_hidden_layers, c.moe_num_experts, c.moe_k, runner.ops.name,
             blocks.num_blocks, blocks.block_size, runner.kv_cache.nbytes / 2**20,
             blocks.host.num_slots if blocks.host else 0, config.enable_prefix_caching,
-            config.enable_chunked_prefill, config.splitwise_role,
+            config.enable_chunked_prefill, config.splitwise_role, size,
         )  # fmt: skip
         self.parent = os.getppid()
         self.drain_deadline: float | None = None
@@ -74,7 +89,10 @@ class EngineProcess:
         c = self.core
         self._send(m.EngineReady(num_blocks=c.blocks.num_blocks, block_size=c.blocks.block_size,
                                  max_model_len=c.scheduler.config.max_model_len,
-                                 kv_shm_name=self.role.kv_shm_name, host_id=host_id(),
+                                 kv_shm_name=self.role.kv_shm_name,
+                                 kv_shm_names=self.role.kv_shm_names(
+                                     self.config.tensor_parallel_size),
+                                 host_id=host_id(),
                                  kv_dtype=c.runner.kv_cache.dtype.name))  # fmt: skip
         last_stats = 0.0
         while True:
@@ -85,7 +103,9 @@ class EngineProcess:
             if self.inbox in events:
                 self._drain_inbox()
             if self.peers in events:
-                self._answer_peer()
+                self._pump_peers(0)
+            if self.workers is not None and not self.workers.alive():
+                raise TPError("a tensor-parallel worker died")
             outputs = self.core.step() if self.core.scheduler.has_compute else []
             for msg in self.role.after_step():
                 self._send(msg)
@@ -142,12 +162,35 @@ class EngineProcess:
         except (TypeError, ValueError) as e:
             self._send(m.RequestFailed(request_id=msg.request_id, message=str(e)))
 
-    def _answer_peer(self) -> None:
-        """In-host peers (a decode node given --innode-prefill-ports) ask who we are here."""
-        try:
-            frames = self.peers.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
+    def _pump_peers(self, timeout_ms: int) -> None:
+        """Handle what arrived on the engine-worker-queue port, waiting up to `timeout_ms`."""
+        if not self.peers.poll(timeout_ms):
             return
+        while True:
+            try:
+                frames = self.peers.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self.workers is not None and len(frames) == 2 and frames[0].startswith(b"rank-"):
+                self._from_worker(frames[0], frames[1])
+            else:
+                self._answer_peer(frames)
+
+    def _from_worker(self, ident: bytes, frame: bytes) -> None:
+        assert self.workers is not None
+        try:
+            msg = w.decode(frame)
+        except m.MessageError as e:
+            logger.warning("engine-worker-queue: rejected a worker message: %s", e)
+            return
+        if not self.workers.accept(ident, msg):
+            logger.warning("engine-worker-queue: rejected a %s from %r", msg.TYPE, ident[:16])
+        elif self.workers.results:
+            self.role.feed(self.workers.results)
+            self.workers.results = []
+
+    def _answer_peer(self, frames: list[bytes]) -> None:
+        """In-host peers (a decode node given --innode-prefill-ports) ask who we are here."""
         reply: m.Message = m.PeerError(message="expected one peer_info? message")
         try:
             if len(frames) == 2 and isinstance(m.decode(frames[1]), m.PeerInfoRequest):
@@ -191,6 +234,10 @@ class EngineProcess:
             self.core.abort(rid)
         self._send(m.StepOutputs(outputs=[], stats=self._stats()))
         self.role.close()
+        if self.workers is not None:
+            self.workers.stop()
+        if self.tp is not None:
+            self.tp.close()
         self.ctx.destroy(linger=2000)
 
 
@@ -226,6 +273,9 @@ def main(argv: list[str]) -> int:
         raise
     try:
         proc.run()
+    except TPError as e:
+        logger.error("engine exiting: %s", e)
+        return 1
     finally:
         proc.close()
     return 0

@@ -26,11 +26,12 @@ _Msg = WireMessage
 
 
 class KVPushSpec(_Msg):
-    """Prefill role: where to push a prompt's KV (one decode rank)."""
+    """Prefill role: where to push a prompt's KV (rank r's shard to decode rank r)."""
 
     transfer_id: str
-    zmq_endpoint: str  # the decode rank's KV receiver, tcp://host:port
-    shm_name: str = ""  # its pool in POSIX shared memory, when it shares our host
+    zmq_endpoints: list[str]  # per decode rank r: its KV receiver, tcp://host:cache-queue-port+r
+    shm_names: list[str] = Field(default_factory=list)  # per rank: its pool in POSIX shared
+    # memory, when it shares our host
     pool_blocks: int = 0  # blocks in that pool (it may differ from ours)
     host_id: str = ""
     block_ids: list[int]  # destination blocks, one per prompt block from first_block on
@@ -115,6 +116,7 @@ class EngineReady(_Msg):
     block_size: int
     max_model_len: int
     kv_shm_name: str = ""  # decode role: the KV pool's shared-memory name
+    kv_shm_names: list[str] = Field(default_factory=list)  # decode role: per TP rank
     host_id: str = ""
     kv_dtype: str = "float32"
 

@@ -6,7 +6,7 @@ The only engine module that builds arrays: schedulers hand it plain `SeqChunk`s.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,8 +43,10 @@ class ModelRunner:
         block_size: int,
         num_host_blocks: int = 0,
         kv_cache: Any = None,
+        workers: Any = None,
     ) -> None:
         self.model = model
+        self.workers = workers  # rank 0 of a tensor-parallel node: ranks 1.. (engine/workers.py)
         self.ops = ops
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -58,6 +60,8 @@ class ModelRunner:
     def copy_blocks(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """Run the block manager's swaps in order: (SWAP_OUT, block, slot) copies a device block
         to the host tier, (SWAP_IN, slot, block) back."""
+        if copies and self.workers is not None:
+            self.workers.copies(copies)
         for op, src, dst in copies:
             if op == SWAP_OUT:
                 self.ops.copy_block(self.host_cache, dst, self.kv_cache, src)
@@ -65,6 +69,7 @@ class ModelRunner:
                 self.ops.copy_block(self.kv_cache, dst, self.host_cache, src)
 
     def build_batch(self, chunks: Sequence[SeqChunk]) -> ForwardBatch:
+        """The pass's inputs as host (NumPy) arrays; `on_device` moves them."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -97,31 +102,48 @@ class ModelRunner:
             lens.append(c.context_len)
             rows = range(first, starts[-1]) if c.all_logits else [starts[-1] - 1]
             logits_rows.extend(rows)
-        to = self.ops.to_device
         return ForwardBatch(
-            input_ids=to(np.asarray(ids, dtype=np.int64)),
-            positions=to(np.concatenate(positions)),
-            slot_mapping=to(np.concatenate(slots)),
-            query_start_loc=to(np.asarray(starts, dtype=np.int32)),
-            seq_lens=to(np.asarray(lens, dtype=np.int32)),
-            block_tables=to(tables),
-            logits_indices=to(np.asarray(logits_rows, dtype=np.int64)),
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=np.concatenate(positions),
+            slot_mapping=np.concatenate(slots),
+            query_start_loc=np.asarray(starts, dtype=np.int32),
+            seq_lens=np.asarray(lens, dtype=np.int32),
+            block_tables=tables,
+            logits_indices=np.asarray(logits_rows, dtype=np.int64),
             block_size=bs,
             query_start_loc_host=starts,
             seq_lens_host=lens,
         )
 
+    def on_device(self, host: ForwardBatch) -> ForwardBatch:
+        """The batch `build_batch` made on the host, with its arrays on the device."""
+        to = self.ops.to_device
+        return replace(
+            host,
+            **{f: to(getattr(host, f)) for f in ("input_ids", "positions", "slot_mapping",
+                                                 "query_start_loc", "seq_lens", "block_tables",
+                                                 "logits_indices")},
+        )  # fmt: skip
+
     def execute(
-        self, chunks: Sequence[SeqChunk], after_layer: Callable[[int], None] | None = None
+        self,
+        chunks: Sequence[SeqChunk],
+        after_layer: Callable[[int], None] | None = None,
+        kv_jobs: Sequence[Any] = (),
     ) -> np.ndarray | None:
         """Run one forward pass; logits [L, V] float32 on the host, in chunk order (None on
         tensor-parallel ranks but 0). `after_layer(i)` runs once layer i's KV of this batch is
-        in the pool."""
-        return self.execute_batch(self.build_batch(chunks), after_layer)
+        in the pool; the other ranks push `kv_jobs` (their shards of the same blocks)."""
+        host = self.build_batch(chunks)
+        if self.workers is not None:
+            self.workers.step(host, kv_jobs)
+        return self.execute_batch(host, after_layer)
 
     def execute_batch(
-        self, batch: ForwardBatch, after_layer: Callable[[int], None] | None = None
+        self, host: ForwardBatch, after_layer: Callable[[int], None] | None = None
     ) -> np.ndarray | None:
+        """Run the pass of a batch built on the host (by this runner or rank 0's)."""
+        batch = self.on_device(host)
         batch.after_layer = after_layer
         logits = self.model.forward(batch, self.kv_cache)
         if logits is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 import zmq
@@ -17,6 +18,7 @@ import zmq
 from pdserve.engine import messages as m
 from pdserve.engine.disagg import DecodeHandoff, PrefillHandoff
 from pdserve.engine.engine_core import EngineCore, RequestOutput
+from pdserve.engine.rank_kv import RankedReceiver, RankedSender
 from pdserve.engine.request import Request
 from pdserve.engine_config import EngineConfig
 from pdserve.kvtransfer.receiver import KVReceiver
@@ -29,11 +31,20 @@ logger = logging.getLogger("pdserve.engine")
 class MixedRole:
     kv_shm_name = ""
 
+    def kv_shm_names(self, size: int) -> list[str]:
+        """Shared-memory names of the KV pools of ranks 0..size-1 ([] when not shared)."""
+        return []
+
     def kv_pool(self, shape: tuple[int, ...]) -> np.ndarray | None:
         return None  # the backend allocates it
 
-    def attach(self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller) -> None:
+    def attach(
+        self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller, workers: Any = None
+    ) -> None:
         self.core = core
+
+    def feed(self, results: list) -> None:
+        """KV transfer results reported by tensor-parallel workers."""
 
     def add(self, req: Request, msg: m.AddRequest) -> None:
         if msg.remote_prefill or msg.kv_push is not None:
@@ -61,12 +72,19 @@ class PrefillRole(MixedRole):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
 
-    def attach(self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller) -> None:
+    def attach(
+        self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller, workers: Any = None
+    ) -> None:
         self.core = core
         # a decode node that vanished must not stall this engine for long
-        sender = KVSender(ctx, send_timeout_s=1.0)
-        self.pusher = PrefillHandoff(core, sender, ack_timeout_s=self.config.pd_timeout)
+        local = KVSender(ctx, send_timeout_s=1.0)
+        send = workers.send if workers is not None else None
+        self.sender = RankedSender(local, self.config.tensor_parallel_size, send)
+        self.pusher = PrefillHandoff(core, self.sender, ack_timeout_s=self.config.pd_timeout)
         core.pusher = self.pusher
+
+    def feed(self, results: list) -> None:
+        self.sender.results.extend(results)
 
     def add(self, req: Request, msg: m.AddRequest) -> None:
         push = msg.kv_push
@@ -74,14 +92,17 @@ class PrefillRole(MixedRole):
             self.core.add_request(req)
             return
         kv = self.core.runner.kv_cache
-        # the destination pool: our layout with its own number of blocks
+        # the destination pools: our layout (per rank) with their own number of blocks
         shape = (kv.shape[0], 2, push.pool_blocks, *kv.shape[3:])
-        dest = Destination(push.zmq_endpoint, push.block_ids, push.shm_name or None,
-                           shape, kv.dtype.name, push.checksum,
-                           use_ipc=bool(push.shm_name) and push.pool_blocks > 0)  # fmt: skip
+        shm_names = push.shm_names or [""] * len(push.zmq_endpoints)
+        dests = [
+            Destination(endpoint, push.block_ids, shm or None, shape, kv.dtype.name,
+                        push.checksum, use_ipc=bool(shm) and push.pool_blocks > 0)
+            for endpoint, shm in zip(push.zmq_endpoints, shm_names)
+        ]  # fmt: skip
         self.core.add_request(req)
         try:
-            self.pusher.start(req, push.transfer_id, dest, push.first_block)
+            self.pusher.start(req, push.transfer_id, dests, push.first_block)
         except Exception:
             self.core.abort(req.request_id)
             raise
@@ -109,22 +130,33 @@ class DecodeRole(MixedRole):
         self.config = config
         prefix = os.environ.get("INFERENCE_MSG_QUEUE_ID", str(config.engine_worker_queue_port))
         self.kv_shm_name = pool_name(prefix, config.cache_queue_port)
+        self._prefix = prefix
         self.pool: SharedKVPool | None = None
+
+    def kv_shm_names(self, size: int) -> list[str]:
+        return [pool_name(self._prefix, self.config.cache_queue_port + r) for r in range(size)]
 
     def kv_pool(self, shape: tuple[int, ...]) -> np.ndarray:
         # the pool lives in shared memory so in-host prefill nodes copy straight into it
         self.pool = SharedKVPool.create(self.kv_shm_name, shape, np.float32)
         return self.pool.array
 
-    def attach(self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller) -> None:
+    def attach(
+        self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller, workers: Any = None
+    ) -> None:
         self.core = core
         bind = f"tcp://{self.config.internal_host}:{self.config.cache_queue_port}"
         try:
-            self.receiver = KVReceiver(ctx, bind, core.runner.kv_cache, shm_name=self.kv_shm_name)
+            local = KVReceiver(ctx, bind, core.runner.kv_cache, shm_name=self.kv_shm_name)
         except zmq.ZMQError as e:
             raise ValueError(f"--cache-queue-port {self.config.cache_queue_port}: {e}") from None
+        send = workers.send if workers is not None else None
+        self.receiver = RankedReceiver(local, self.config.tensor_parallel_size, send)
         self.handoff = DecodeHandoff(core, self.receiver)
         poller.register(self.receiver.sock, zmq.POLLIN)
+
+    def feed(self, results: list) -> None:
+        self.receiver.results.extend(results)
 
     def add(self, req: Request, msg: m.AddRequest) -> None:
         if msg.kv_push is not None:

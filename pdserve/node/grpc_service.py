@@ -83,32 +83,41 @@ class NodeService(pb_grpc.NodeServicer):
                 f"a {self.config.splitwise_role} node does not serve Prefill",
             )
         params = await _params(request.params, context)
-        if len(request.destinations) != 1:
+        dests = sorted(request.destinations, key=lambda d: d.rank)
+        size = self.config.tensor_parallel_size
+        if [d.rank for d in dests] != list(range(len(dests))) or not dests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "KV destinations must be one per rank 0..N-1")  # fmt: skip
+        if len(dests) != size:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "exactly one KV destination (tensor parallelism is not built)",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV destinations for ranks {[d.rank for d in dests][:16]}: this prefill node "
+                f"has {size} tensor-parallel ranks and pushes rank r's KV to rank r",
             )
-        dest = request.destinations[0]
-        if not _TCP_ENDPOINT.fullmatch(dest.zmq_endpoint):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"KV endpoint {dest.zmq_endpoint!r:.80} is not tcp://HOST:PORT",
-            )
+        for dest in dests:
+            if not _TCP_ENDPOINT.fullmatch(dest.zmq_endpoint):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"KV endpoint {dest.zmq_endpoint!r:.80} is not tcp://HOST:PORT",
+                )
+            if list(dest.block_ids) != list(dests[0].block_ids):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "every rank's destination must list the same blocks",
+                )
         if request.block_size != self.info.block_size or request.kv_dtype != self.info.kv_dtype:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"KV layout mismatch: block size {request.block_size} / "
                                 f"{request.kv_dtype}, this node has {self.info.block_size} / "
                                 f"{self.info.kv_dtype}")  # fmt: skip
-        use_ipc = (
-            bool(dest.shm_name)
-            and dest.host_id == self.info.host_id
-            and ("ipc" in self.config.cache_transfer_protocol.split(","))
+        use_ipc = all(d.shm_name and d.host_id == self.info.host_id for d in dests) and (
+            "ipc" in self.config.cache_transfer_protocol.split(",")
         )
         push = m.KVPushSpec(
-            transfer_id=request.transfer_id, zmq_endpoint=dest.zmq_endpoint,
-            shm_name=dest.shm_name if use_ipc else "", pool_blocks=dest.pool_blocks,
-            host_id=dest.host_id,
-            block_ids=list(dest.block_ids), first_block=request.first_block,
+            transfer_id=request.transfer_id, zmq_endpoints=[d.zmq_endpoint for d in dests],
+            shm_names=[d.shm_name for d in dests] if use_ipc else [],
+            pool_blocks=dests[0].pool_blocks, host_id=dests[0].host_id,
+            block_ids=list(dests[0].block_ids), first_block=request.first_block,
             checksum=request.checksum,
         )  # fmt: skip
         try:

@@ -48,8 +48,10 @@ def check_ports(config: EngineConfig) -> None:
                config.engine_worker_queue_port),
               ("--pd-comm-port", config.internal_host, config.pd_comm_port)]  # fmt: skip
     wanted = [w for w in wanted if w[2]]  # an unset --pd-comm-port takes a free port
-    if config.splitwise_role == "decode":
-        wanted.append(("--cache-queue-port", config.internal_host, config.cache_queue_port))
+    if config.splitwise_role == "decode":  # rank r's KV agent listens on the port + r
+        for r in range(config.tensor_parallel_size):
+            flag = "--cache-queue-port" + (f" + rank {r}" if r else "")
+            wanted.append((flag, config.internal_host, config.cache_queue_port + r))
     seen: dict[int, str] = {}
     for flag, host, port in wanted:
         if port in seen:

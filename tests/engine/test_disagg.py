@@ -14,6 +14,7 @@ import zmq
 from pdserve.backends.numpy_ops import NumpyOps
 from pdserve.engine.disagg import DecodeHandoff, PrefillHandoff
 from pdserve.engine.engine_core import EngineCore
+from pdserve.engine.rank_kv import RankedReceiver, RankedSender
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerConfig
@@ -64,9 +65,9 @@ class Pair:
         self.decode = core(self.pool.array if self.pool else None)
         self.receiver = KVReceiver(self.ctx, self.endpoint, self.decode.runner.kv_cache,
                                    shm_name=self.pool.name if self.pool else None)  # fmt: skip
-        self.pusher = PrefillHandoff(self.prefill, KVSender(self.ctx))
+        self.pusher = PrefillHandoff(self.prefill, RankedSender(KVSender(self.ctx)))
         self.prefill.pusher = self.pusher
-        self.handoff = DecodeHandoff(self.decode, self.receiver)
+        self.handoff = DecodeHandoff(self.decode, RankedReceiver(self.receiver))
 
     def close(self) -> None:
         self.receiver.close()
@@ -94,7 +95,7 @@ class Pair:
         )
         p = Request(rid, prompt, SamplingParams(temperature=0, max_tokens=1))
         self.prefill.add_request(p)
-        self.pusher.start(p, tid, dest, wait.first_block)
+        self.pusher.start(p, tid, [dest], wait.first_block)
         results = []
         deadline = time.monotonic() + 10
         while not results:
@@ -164,7 +165,7 @@ def test_chunked_prefill_sends_every_block_of_every_layer_exactly_once():
     sent early (partial) and again later would let a lost final copy go unnoticed."""
     pair = Pair(ipc=False)
     sent: list[tuple[int, int]] = []
-    sender = pair.pusher.sender
+    sender = pair.pusher.sender.local
     real = sender.send_layer
 
     def recording(tid, layer, kv, src, offset=0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -42,6 +43,28 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def free_port_range(n: int, avoid: frozenset[int] = frozenset()) -> int:
+    """A base port b with b..b+n-1 all free on 127.0.0.1 (when checked) and none in `avoid`."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - n)
+        if avoid & set(range(base, base + n)):
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 @dataclass
@@ -116,7 +139,9 @@ def start_node(
     entry: tuple[str, ...] = NODE_ENTRY,
 ) -> Node:
     """A healthy `pdserve serve --model tiny` (or another entry module) on free ports."""
-    port, metrics_port, eq, cq, pd = free_ports(5)
+    port, metrics_port, eq, pd = free_ports(4)
+    # a decode node's rank r listens on the cache-queue port + r: keep 4 ranks' ports free
+    cq = free_port_range(4, avoid=frozenset((port, metrics_port, eq, pd)))
     cmd = [sys.executable, "-m", *entry, "--model", "tiny",
            "--port", str(port), "--metrics-port", str(metrics_port),
            "--engine-worker-queue-port", str(eq), "--cache-queue-port", str(cq),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shlex
 import shutil
@@ -19,6 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from pdserve.cli import build_parser
+from tests.integration.conftest import free_port_range
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -26,26 +26,6 @@ SCRIPTS = sorted(DEPLOY.glob("*.sh"))
 RUN_TIMEOUT_S = 120
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="the scripts use curl")
-
-
-def free_port_range(n: int) -> int:
-    """A base port b with b..b+n-1 all free on 127.0.0.1 (free when checked)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -131,21 +111,18 @@ def test_local_1p1d_fails_when_a_node_cannot_start(tmp_path):
 
 
 @needs_curl
-def test_guide_8gpu_1p1d_on_cpu(tmp_path):
-    base = free_port_range(10)
-    env = script_env(tmp_path, MODEL="tiny", TP="1", QUANT="none", ONESHOT="1",
-                     BASE_PORT=str(base))  # fmt: skip
+@pytest.mark.parametrize("quant", ["wint4", "block_wise_fp8"])
+def test_guide_8gpu_1p1d_on_cpu(tmp_path, quant):
+    """The guide's commands as they are (TP 4 on each node, its quantization), on `tiny`."""
+    base = free_port_range(13)  # 8 ports, the decode node's 3 more KV ranks, 2 gRPC ports
+    env = script_env(tmp_path, MODEL="tiny", QUANT=quant, ONESHOT="1", BASE_PORT=str(base))
     result = run_script(["deploy/guide_8gpu_1p1d.sh"], env)
     assert result.returncode == 0, result.stderr
     assert_chat_completion(result.stdout)
-
-
-@needs_curl
-def test_guide_8gpu_1p1d_says_tp4_is_not_implemented(tmp_path):
-    env = script_env(tmp_path, MODEL="tiny", BASE_PORT=str(free_port_range(13)))
-    result = run_script(["deploy/guide_8gpu_1p1d.sh"], env)
-    assert result.returncode != 0
-    assert "--tensor-parallel-size 4: not implemented yet" in result.stderr
+    logs = tmp_path / "logs"
+    for role in ("prefill", "decode"):
+        assert "tensor parallel 4" in (logs / f"log_{role}" / "engine.log").read_text()
+    assert "pd fallback" not in (logs / "log_decode" / "engine.log").read_text()
 
 
 def test_multi_host_dry_run_decode(tmp_path):
