@@ -1,0 +1,43 @@
+// Interleaved rotary embedding and the KV-cache write by slot mapping.
+#include "common.cuh"
+
+// Rotates pairs (2i, 2i+1) of every head by pos * inv_freq[i], in float32.
+// x: [T, heads, D] bf16 with row stride x_row and head stride x_head (elements), unit stride
+// inside a head; pos: [T] int64; inv_freq: [D/2] float32; out: [T, heads, D] bf16, contiguous.
+// One block per token.
+extern "C" __global__ void rope(const bf16_t* __restrict__ x, long long x_row, long long x_head,
+                                const long long* __restrict__ pos,
+                                const float* __restrict__ inv_freq, bf16_t* __restrict__ out,
+                                int heads, int D) {
+  const int t = blockIdx.x, half = D >> 1;
+  const float p = (float)pos[t];
+  for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+    const int h = idx / half, i = idx - h * half;
+    const bf16_t* src = x + t * x_row + h * x_head + 2 * i;
+    const float a = bf2f(src[0]), b = bf2f(src[1]);
+    float s, c;
+    sincosf(p * inv_freq[i], &s, &c);
+    bf16_t* dst = out + ((long long)t * heads + h) * D + 2 * i;
+    dst[0] = f2bf(a * c - b * s);
+    dst[1] = f2bf(b * c + a * s);
+  }
+}
+
+// kv[0, slot] = k[t], kv[1, slot] = v[t] where slot = block * block_size + offset.
+// k, v: [T, kv_heads, D] bf16 with row strides k_row, v_row (contiguous inside a row);
+// slots: [T] int64 (negative: padding, skipped); kv: one layer [2, blocks, block_size,
+// kv_heads, D] bf16 whose halves are kv_half elements apart. One block per token.
+extern "C" __global__ void write_kv(const bf16_t* __restrict__ k, long long k_row,
+                                    const bf16_t* __restrict__ v, long long v_row,
+                                    const long long* __restrict__ slots,
+                                    bf16_t* __restrict__ kv, long long kv_half, int row_elems) {
+  const int t = blockIdx.x;
+  const long long slot = slots[t];
+  if (slot < 0) return;
+  bf16_t* dk = kv + slot * row_elems;
+  bf16_t* dv = dk + kv_half;
+  for (int i = threadIdx.x; i < row_elems; i += blockDim.x) {
+    dk[i] = k[t * k_row + i];
+    dv[i] = v[t * v_row + i];
+  }
+}

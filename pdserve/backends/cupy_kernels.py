@@ -1,0 +1,133 @@
+"""The GPU backend's plumbing: bf16 on host and device, csrc/*.cu kernels compiled by NVRTC on
+first use, and cuBLAS GEMMs with float32 accumulation.
+
+bfloat16 device arrays have CuPy's bfloat16 dtype (NumPy's extension type from ml_dtypes);
+kernels see them as raw 16-bit words (`bf16_t` in csrc/common.cuh).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import cupy as cp
+import ml_dtypes
+import numpy as np
+from cupy_backends.cuda.libs import cublas
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.MULTILINE)
+
+# cudaDataType_t values (library_types.h)
+_CUDA_R_32F, _CUDA_R_16BF = 0, 14
+# NaN bit patterns that poisoned outputs start as
+_POISON = {2: 0x7FC0, 4: 0x7FC00000}
+
+
+def to_bf16_bits(host: np.ndarray) -> np.ndarray:
+    """Float host data rounded to bf16 (nearest even), as uint16 words."""
+    return np.ascontiguousarray(host, dtype=np.float32).astype(BF16).view(np.uint16)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 words -> float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _source(name: str) -> str:
+    """The text of csrc/`name` with its local includes inlined, so NVRTC needs no include path
+    and CuPy's compile cache (keyed by the text) sees every change."""
+    path = CSRC / name
+    if not path.is_file():
+        raise FileNotFoundError(f"CUDA source {path} is missing: the cupy backend needs csrc/")
+    return _INCLUDE.sub(lambda m: _source(m.group(1)), path.read_text())
+
+
+@functools.cache
+def _module(name: str) -> cp.RawModule:
+    return cp.RawModule(code=_source(name), options=("--std=c++17",))
+
+
+@functools.cache
+def _kernel(file: str, name: str) -> cp.RawKernel:
+    return _module(file).get_function(name)
+
+
+def _arg(v: object) -> object:
+    """Python ints and floats as the kernels' `int` and `float` (CuPy would pass 64 bits)."""
+    if isinstance(v, bool):
+        return np.int32(v)
+    if isinstance(v, int):
+        return np.int32(v)
+    if isinstance(v, float):
+        return np.float32(v)
+    return v
+
+
+class Kernels:
+    """Launches csrc kernels and allocates their outputs. With `poison`, every new output starts
+    as NaN (floats) or -1 (ints), so that a test sees any element a kernel failed to write."""
+
+    def __init__(self, poison: bool = False) -> None:
+        self.poison = poison
+        self.num_sms: int = cp.cuda.Device().attributes["MultiProcessorCount"]
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> cp.ndarray:
+        out = cp.empty(shape, dtype=dtype)
+        if self.poison:
+            dt = np.dtype(dtype)
+            if dt.kind == "f" or dt == BF16:
+                out.view(np.uint16 if dt.itemsize == 2 else np.uint32).fill(_POISON[dt.itemsize])
+            else:
+                out.fill(-1)
+        return out
+
+    def launch(
+        self,
+        file: str,
+        name: str,
+        grid: tuple[int, ...],
+        block: int,
+        args: tuple,
+        shared: int = 0,
+    ) -> None:
+        """Run kernel `name` of csrc/`file`; ints are passed as int32, floats as float32 (pass
+        np.int64 for `long long` parameters)."""
+        kernel = _kernel(file, name)
+        if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:
+            kernel.max_dynamic_shared_size_bytes = shared
+        kernel(grid, (block,), tuple(_arg(a) for a in args), shared_mem=shared)
+
+
+def row_major(x: cp.ndarray, dtype: np.dtype = BF16) -> cp.ndarray:
+    """`x` as `dtype`, C-contiguous and 16-byte aligned (what the kernels' wide loads need)."""
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    if not x.flags.c_contiguous or x.data.ptr % 16:
+        x = x.copy()  # a fresh allocation: contiguous and aligned
+    return x
+
+
+def gemm(k: Kernels, x: cp.ndarray, w: cp.ndarray, out_dtype: np.dtype) -> cp.ndarray:
+    """x [M, K] bf16 (unit column stride) times w [N, K] bf16, transposed: [M, N] in
+    `out_dtype` (bf16 or float32), float32 accumulation through cublasGemmEx."""
+    m, kdim = x.shape
+    if x.dtype != BF16 or x.strides[1] != 2 or x.strides[0] < 2 * kdim or x.strides[0] % 2:
+        x = row_major(x)
+    n = w.shape[0]
+    out = k.empty((m, n), out_dtype)
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    # column-major view: out^T [N, M] = w [N, K] (stored as K x N, transposed) @ x^T [K, M]
+    cublas.gemmEx(
+        handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, kdim,
+        one.ctypes.data, w.data.ptr, _CUDA_R_16BF, kdim,
+        x.data.ptr, _CUDA_R_16BF, x.strides[0] // 2,
+        zero.ctypes.data, out.data.ptr, _CUDA_R_32F if out_dtype == np.float32 else _CUDA_R_16BF, n,
+        cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,217 @@
+"""The CuPy backend: the model on one NVIDIA GPU, kernels from csrc/*.cu.
+
+Storage and precision:
+- weights bf16 (the router and its correction bias float32, as `fp32=True` asks);
+- activations bf16 between ops, every op computing in float32 inside; the residual stream
+  that `add_rms_norm` returns is float32, and so are router outputs and the logits (the
+  lm_head, a plain `weight`, is the one GEMM with a float32 output);
+- the KV pool bf16, one allocation outside CuPy's memory pool (so a CUDA IPC handle of it
+  names exactly the pool).
+A forward pass never waits on the device (the first one uploads RoPE's frequency table once):
+launch sizes come from array shapes and the batch's host copies of its lengths. Dense linears
+go through cuBLAS (cublasGemmEx, float32 accumulation); everything else is csrc/*.cu.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cupy as cp
+import numpy as np
+
+from pdserve.backends import cupy_attention, cupy_moe
+from pdserve.backends.base import Array, Ops
+from pdserve.backends.cupy_kernels import (
+    BF16,
+    Kernels,
+    bf16_bits_to_f32,
+    gemm,
+    row_major,
+    to_bf16_bits,
+)
+from pdserve.model.forward_batch import ForwardBatch
+from pdserve.model.quant import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class CupyLinear:
+    """A linear weight [..., out, in] on the GPU in bf16; `linear` over it gives bf16."""
+
+    data: cp.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def __getitem__(self, i: int) -> CupyLinear:
+        """One matrix of a stack (an expert of [E, out, in])."""
+        return CupyLinear(self.data[i])
+
+
+def _threads(n: int) -> int:
+    """A block size for a row of n elements: a multiple of 32, at most 1024."""
+    return min(1024, max(32, -(-n // 32) * 32))
+
+
+class CupyOps(Ops):
+    """`moe_gemv_max_tokens`: batches up to this many tokens take the GEMV experts path.
+    `min_split_keys`: the shortest key range attention splits a sequence into.
+    `poison`: outputs start as NaN (tests use it to catch unwritten elements)."""
+
+    name = "cupy"
+
+    def __init__(
+        self, moe_gemv_max_tokens: int = 8, min_split_keys: int = 256, poison: bool = False
+    ) -> None:
+        self.k = Kernels(poison)
+        self.moe_gemv_max_tokens = moe_gemv_max_tokens
+        self.min_split_keys = min_split_keys
+        self._inv_freq: dict[tuple[float, int], cp.ndarray] = {}
+
+    # -- memory -----------------------------------------------------------------------------
+    def weight(self, host: np.ndarray, fp32: bool = False) -> cp.ndarray:
+        if fp32:
+            return cp.asarray(np.ascontiguousarray(host, dtype=np.float32))
+        return cp.asarray(to_bf16_bits(host)).view(BF16)
+
+    def linear_weight(
+        self, host: np.ndarray | QuantizedWeight, quantization: str | None
+    ) -> CupyLinear:
+        if quantization is not None or isinstance(host, QuantizedWeight):
+            method = quantization or host.method
+            raise ValueError(
+                f"--quantization {method}: the cupy backend does not support it yet; "
+                "use --quantization none (bf16) or --backend numpy"
+            )
+        return CupyLinear(self.weight(host))
+
+    def to_device(self, host: np.ndarray) -> cp.ndarray:
+        return cp.asarray(host)
+
+    def to_host(self, x: cp.ndarray) -> np.ndarray:
+        if x.dtype == BF16:
+            return bf16_bits_to_f32(cp.asnumpy(x.view(np.uint16)))
+        return cp.asnumpy(x)
+
+    def alloc_kv_cache(self, shape: tuple[int, ...]) -> cp.ndarray:
+        nbytes = int(np.prod(shape)) * BF16.itemsize
+        mem = cp.cuda.Memory(max(nbytes, 1))  # not from the pool: see the module docstring
+        cp.cuda.runtime.memset(mem.ptr, 0, max(nbytes, 1))
+        return cp.ndarray(shape, BF16, cp.cuda.MemoryPointer(mem, 0))
+
+    def copy_block(self, dst: Array, dst_block: int, src: Array, src_block: int) -> None:
+        """Between device pools, or a device pool and a host NumPy pool (the swap tier, any
+        float dtype); bf16 -> float32 -> bf16 is exact."""
+        if isinstance(src, cp.ndarray) and isinstance(dst, cp.ndarray):
+            dst.view(np.uint16)[:, :, dst_block] = src.view(np.uint16)[:, :, src_block]
+        elif isinstance(src, cp.ndarray):  # device -> host
+            dst[:, :, dst_block] = self.to_host(src[:, :, src_block])
+        elif isinstance(dst, cp.ndarray):  # host -> device
+            bits = to_bf16_bits(np.asarray(src[:, :, src_block], dtype=np.float32))
+            dst.view(np.uint16)[:, :, dst_block] = cp.asarray(bits)
+        else:
+            dst[:, :, dst_block] = src[:, :, src_block]
+
+    # -- layers -----------------------------------------------------------------------------
+    def embedding(self, table: cp.ndarray, ids: cp.ndarray) -> cp.ndarray:
+        ids = row_major(ids, np.int64)
+        t, h = ids.shape[0], table.shape[1]
+        out = self.k.empty((t, h), BF16)  # [T, H]
+        self.k.launch("elementwise.cu", "embedding", (t,), _threads(min(h, 256)),
+                      (row_major(table), ids, out, h))  # fmt: skip
+        return out
+
+    def rms_norm(self, x: cp.ndarray, weight: cp.ndarray, eps: float) -> cp.ndarray:
+        x = row_major(x)
+        out = self.k.empty(x.shape, BF16)
+        self.k.launch("norm.cu", "rms_norm", (x.shape[0],), _threads(min(x.shape[1], 512)),
+                      (x, weight, out, x.shape[1], float(eps)))  # fmt: skip
+        return out
+
+    def add_rms_norm(
+        self, x: cp.ndarray, residual: cp.ndarray, weight: cp.ndarray, eps: float
+    ) -> tuple[cp.ndarray, cp.ndarray]:
+        x_f32, res_f32 = x.dtype == np.float32, residual.dtype == np.float32
+        x = row_major(x, x.dtype if x_f32 else BF16)
+        residual = row_major(residual, residual.dtype if res_f32 else BF16)
+        t, h = x.shape
+        out = self.k.empty((t, h), BF16)  # [T, H] normalized
+        res_out = self.k.empty((t, h), np.float32)  # [T, H] the residual stream
+        args = (x, x_f32, residual, res_f32, weight, out, res_out, h, float(eps))
+        self.k.launch("norm.cu", "add_rms_norm", (t,), _threads(min(h, 512)), args)
+        return out, res_out
+
+    def linear(self, x: cp.ndarray, weight: CupyLinear | cp.ndarray) -> cp.ndarray:
+        if isinstance(weight, CupyLinear):
+            return gemm(self.k, x, weight.data, BF16)
+        return gemm(self.k, x, weight, np.dtype(np.float32))  # the lm_head: float32 logits
+
+    def rope(self, x: cp.ndarray, positions: cp.ndarray, theta: float) -> cp.ndarray:
+        t, heads, d = x.shape
+        if x.dtype != BF16 or x.strides[2] != 2:
+            x = row_major(x)
+        inv_freq = self._inv_freq.get((theta, d))
+        if inv_freq is None:  # the reference's float32 formula, bit for bit
+            host = 1.0 / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / d))
+            inv_freq = self._inv_freq[(theta, d)] = cp.asarray(host.astype(np.float32))
+        out = self.k.empty((t, heads, d), BF16)  # [T, heads, D], contiguous
+        args = (x, np.int64(x.strides[0] // 2), np.int64(x.strides[1] // 2),
+                row_major(positions, np.int64), inv_freq, out, heads, d)  # fmt: skip
+        self.k.launch("rope_kv.cu", "rope", (t,), _threads(min(heads * d // 2, 256)), args)
+        return out
+
+    def write_kv(
+        self, kv_layer: cp.ndarray, k: cp.ndarray, v: cp.ndarray, slot_mapping: cp.ndarray
+    ) -> None:
+        t, kv_heads, d = k.shape
+        k, v = (a if a.dtype == BF16 and a.strides[1:] == (2 * d, 2) else row_major(a)
+                for a in (k, v))  # fmt: skip
+        args = (k, np.int64(k.strides[0] // 2), v, np.int64(v.strides[0] // 2),
+                row_major(slot_mapping, np.int64), kv_layer, np.int64(kv_layer[0].size),
+                kv_heads * d)  # fmt: skip
+        self.k.launch("rope_kv.cu", "write_kv", (t,), _threads(min(kv_heads * d, 256)), args)
+
+    def paged_attention(
+        self, q: cp.ndarray, kv_layer: cp.ndarray, batch: ForwardBatch, scale: float
+    ) -> cp.ndarray:
+        return cupy_attention.paged_attention(
+            self.k, q, kv_layer, batch, scale, self.min_split_keys
+        )
+
+    def silu_mul(self, gate_up: cp.ndarray) -> cp.ndarray:
+        gate_up = row_major(gate_up)
+        t, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = self.k.empty((t, inter), BF16)  # [T, I]
+        n = t * inter
+        blocks = max(1, min(-(-n // 256), 8 * self.k.num_sms))
+        self.k.launch("elementwise.cu", "silu_mul", (blocks,), 256,
+                      (gate_up, out, inter, np.int64(n)))  # fmt: skip
+        return out
+
+    def moe_route(
+        self,
+        x: cp.ndarray,
+        router: cp.ndarray,
+        correction_bias: cp.ndarray,
+        top_k: int,
+        norm_min: float,
+    ) -> tuple[cp.ndarray, cp.ndarray]:
+        return cupy_moe.moe_route(self.k, x, router, correction_bias, top_k, norm_min)
+
+    def moe_experts(
+        self,
+        x: cp.ndarray,
+        weights: cp.ndarray,
+        ids: cp.ndarray,
+        gate_up: CupyLinear | cp.ndarray,
+        down: CupyLinear | cp.ndarray,
+    ) -> cp.ndarray:
+        gate_up = gate_up.data if isinstance(gate_up, CupyLinear) else gate_up
+        down = down.data if isinstance(down, CupyLinear) else down
+        return cupy_moe.moe_experts(
+            self.k, x, weights, ids, row_major(gate_up), row_major(down), self.moe_gemv_max_tokens
+        )
