@@ -72,6 +72,16 @@ class Registry:
             for name in ("model_fingerprint", "block_size", "kv_dtype"):
                 if getattr(info, name) != getattr(ref, name):
                     return f"its {name} differs from the other nodes'"
+        if info.role != "mixed":  # prefill rank r pushes to decode rank r: sizes must agree
+            for node in self.nodes.values():
+                other = node.info
+                if (
+                    other.role != "mixed"
+                    and other.node_id != info.node_id
+                    and (other.tp_size != info.tp_size)
+                ):
+                    return (f"its tensor-parallel size {info.tp_size} differs from "
+                            f"{other.role} node {node.addr}'s {other.tp_size}")  # fmt: skip
         return ""
 
     def add(self, addr: str, info: pb.NodeInfo, static: bool) -> str:

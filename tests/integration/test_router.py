@@ -146,3 +146,25 @@ def test_registration_fills_an_empty_router(node_factory):
             time.sleep(0.5)
     finally:
         router.stop(signal.SIGTERM)
+
+
+def test_router_1p1d_with_tensor_parallel_nodes(node_factory, routers, mixed_outputs):
+    """TP 2 prefill and decode nodes behind the router, KV over ZeroMQ rank to rank; a TP 1
+    decode node that registers later is refused (its ranks would not match the prefill's)."""
+    tp2 = ("--tensor-parallel-size", "2")
+    p = node_factory("--splitwise-role", "prefill", "--cache-transfer-protocol", "zmq", *tp2,
+                     *COMMON)  # fmt: skip
+    d = node_factory("--splitwise-role", "decode", *tp2, *COMMON)
+    router = routers("--prefill-nodes", addr(p), "--decode-nodes", addr(d))
+    assert complete_all(router, PROMPTS[:8]) == mixed_outputs[:8]
+    assert d.metric("pd_fallback_total") == 0
+    assert p.metric("kv_bytes_sent_total") == d.metric("kv_bytes_received_total") > 0
+    router_addr = f"127.0.0.1:{router.grpc_port}"
+    late = node_factory("--splitwise-role", "decode", "--router", router_addr, *COMMON)
+    deadline = time.monotonic() + 15
+    while "refused this node: its tensor-parallel size 1 differs" not in late.log():
+        assert time.monotonic() < deadline, late.log()
+        time.sleep(0.1)
+    assert [n["role"] for n in nodes_of(router)] == ["prefill", "decode"]
+    d.wait_blocks_free()
+    p.wait_blocks_free()
