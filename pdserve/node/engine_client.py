@@ -80,7 +80,9 @@ class ZmqEngineClient:
         """Spawn the engine and wait until its model is loaded; RuntimeError if it fails."""
         self.to_engine.bind(self.in_addr)
         self.from_engine.bind(self.out_addr)
-        cfg = json.dumps({f.name: getattr(self.config, f.name) for f in fields(self.config)})
+        # the engine never sees the API key: its command line is readable by every local user
+        cfg = json.dumps({f.name: getattr(self.config, f.name) for f in fields(self.config)}
+                         | {"api_key": None})  # fmt: skip
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pdserve.engine.engine_proc", cfg, self.in_addr, self.out_addr,
             stdin=asyncio.subprocess.DEVNULL,

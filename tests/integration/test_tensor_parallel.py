@@ -90,3 +90,18 @@ def worker_pids(node) -> list[int]:
                                                    for a in cmd):  # fmt: skip
             found.append(int(proc.name))
     return found
+
+
+def test_the_api_key_stays_in_the_frontend(node_factory):
+    """Command lines are readable by every local user: only the one the user typed has it."""
+    key = "sk-tp-secret-1234"
+    node = node_factory(*tp(2), *COMMON, api_key=key)
+    holders = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if key.encode() in (proc / "cmdline").read_bytes():
+                holders.append(int(proc.name))
+        except OSError:
+            continue
+    assert holders == [node.proc.pid]
+    assert len(worker_pids(node)) == 1
