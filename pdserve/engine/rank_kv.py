@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +38,6 @@ class RankedAck:
 class _Pending:
     waiting: set[int]  # ranks whose part has not ended yet
     worker_bytes: int = 0
-    results: list = field(default_factory=list)
 
 
 def _absorb(pending: dict[str, _Pending], r: w.KVResult) -> tuple[str, bool, str, int] | None:
@@ -55,6 +54,13 @@ def _absorb(pending: dict[str, _Pending], r: w.KVResult) -> tuple[str, bool, str
         del pending[r.transfer_id]
         return r.transfer_id, True, "", p.worker_bytes
     return None
+
+
+def _to_workers(send: Send | None, size: int, msg: w.WireMessage) -> None:
+    """`msg` to ranks 1..size-1 (none at TP 1)."""
+    for rank in range(1, size):
+        assert send is not None, "a tensor-parallel node needs its workers"
+        send(rank, msg)
 
 
 class RankedSender:
@@ -89,10 +95,9 @@ class RankedSender:
 
     def poll_acks(self) -> list[RankedAck]:
         ended: list[RankedAck] = []
-        for ack in self.local.poll_acks():
-            r = w.KVResult(rank=0, transfer_id=ack.transfer_id, ok=ack.ok, error=ack.error)
-            self.results.insert(0, r)
-        results, self.results = self.results, []
+        local = [w.KVResult(rank=0, transfer_id=a.transfer_id, ok=a.ok, error=a.error)
+                 for a in self.local.poll_acks()]  # fmt: skip
+        results, self.results = local + self.results, []
         for r in results:
             end = _absorb(self._pending, r)
             if end is not None:
@@ -117,8 +122,7 @@ class RankedSender:
         self.send(rank, msg)
 
     def _all(self, msg: w.WireMessage) -> None:
-        for rank in range(1, self.size):
-            self._to(rank, msg)
+        _to_workers(self.send, self.size, msg)
 
 
 class RankedReceiver:
@@ -134,22 +138,19 @@ class RankedReceiver:
 
     def expect(self, tid: str, block_ids: Sequence[int], num_layers: int) -> None:
         self.local.expect(tid, block_ids, num_layers)
-        msg = w.KVExpect(transfer_id=tid, block_ids=list(block_ids), num_layers=num_layers)
-        for rank in range(1, self.size):
-            self.send(rank, msg)
+        _to_workers(self.send, self.size, w.KVExpect(transfer_id=tid, block_ids=list(block_ids),
+                                                     num_layers=num_layers))  # fmt: skip
         self._pending[tid] = _Pending(set(range(self.size)))
 
     def cancel(self, tid: str) -> bool:
         self._pending.pop(tid, None)
-        for rank in range(1, self.size):
-            self.send(rank, w.KVForget(transfer_id=tid))
+        _to_workers(self.send, self.size, w.KVForget(transfer_id=tid))
         return self.local.cancel(tid)
 
     def poll(self) -> list[TransferResult]:
-        for res in self.local.poll():
-            self.results.insert(0, w.KVResult(rank=0, transfer_id=res.transfer_id, ok=res.ok,
-                                               error=res.error, bytes=res.bytes))  # fmt: skip
-        results, self.results = self.results, []
+        local = [w.KVResult(rank=0, transfer_id=r.transfer_id, ok=r.ok, error=r.error,
+                            bytes=r.bytes) for r in self.local.poll()]  # fmt: skip
+        results, self.results = local + self.results, []
         ended = []
         for r in results:
             end = _absorb(self._pending, r)
