@@ -276,6 +276,8 @@ def add_floor(row: dict, floor: dict, ceilings: dict) -> None:
     flops_ms = floor["flops"] / ceilings["gemm_flops_per_s"] * 1e3
     row.update(floor, bytes_ms=bytes_ms, flops_ms=flops_ms, floor_ms=max(bytes_ms, flops_ms))
     row["x_floor"] = row["ms"] / row["floor_ms"]
+    if "graph_ms" in row:
+        row["x_floor_graph"] = row["graph_ms"] / row["floor_ms"]
 
 
 def measure_ceilings(dev: Device, ops: Ops, copy_bytes: int, n: int) -> dict:
@@ -430,6 +432,19 @@ def median_ms(fn: Callable[[], Any], dev: Device, warmup: int, repeat: int) -> t
     return runs, out
 
 
+def greedy_step(runner: ModelRunner, chunks: list[SeqChunk]) -> tuple[np.ndarray, np.ndarray]:
+    """One decode step as the engine runs it for greedy requests: the forward pass, then the
+    argmax on the device (only ids and logprobs come back), or on the host where the backend
+    has no device sampler. Returns (token ids, their logprobs)."""
+    logits = runner.execute_device(chunks)
+    picked = runner.ops.greedy_sample(logits)
+    if picked is None:
+        host = runner.ops.to_host(logits)
+        ids = np.argmax(host, axis=-1)
+        return ids, host[np.arange(len(ids)), ids] - np.log(np.exp(host).sum(axis=-1))
+    return picked
+
+
 def step_row(runs: list[float], logits: Any) -> dict:
     return {
         "ms": statistics.median(runs),
@@ -493,6 +508,15 @@ def run_ours(args: argparse.Namespace, dev: Device, cfg: dict, out: dict, clock:
         "cuda_graphs": False,
     }
     print(f"model built in {out['ours']['build_s']:.1f} s", flush=True)
+    graph_runner = None
+    if args.graphs and ops.name != "numpy":
+        t0 = time.perf_counter()
+        graph_runner = ModelRunner(model, ops, num_blocks, BLOCK, kv_cache=runner.kv_cache,
+                                   graph_sizes=args.decode_batches,
+                                   max_model_len=args.max_model_len)  # fmt: skip
+        out["ours"].update(cuda_graphs=True, capture_s=time.perf_counter() - t0,
+                           graph_max_model_len=args.max_model_len)  # fmt: skip
+        print(f"decode graphs captured in {out['ours']['capture_s']:.1f} s", flush=True)
     prof = OpProfiler(dev, ops, model)
     rng = np.random.default_rng(0)
     reserve = 0 if args.no_peer else args.peer_reserve_s
@@ -510,14 +534,21 @@ def run_ours(args: argparse.Namespace, dev: Device, cfg: dict, out: dict, clock:
                 )
                 for s in range(b)
             ]
-            runs, logits = median_ms(
-                lambda ch=chunks: runner.execute(ch), dev, args.warmup, args.repeat
+            runs, (ids, logprobs) = median_ms(
+                lambda ch=chunks: greedy_step(runner, ch), dev, args.warmup, args.repeat
             )
-            row = {"batch": b, "context": args.context, **step_row(runs, logits)}
+            row = {"batch": b, "context": args.context, **step_row(runs, logprobs)}
+            if graph_runner is not None:
+                runs, (graph_ids, _) = median_ms(
+                    lambda ch=chunks: greedy_step(graph_runner, ch), dev, args.warmup, args.repeat
+                )
+                row.update(graph_ms=statistics.median(runs), graph_runs_ms=runs,
+                           graph_same_tokens=float(np.mean(graph_ids == ids)))  # fmt: skip
             touched = profile_row(row, prof, runner, chunks, dev, 3, args.window)
             add_floor(row, decode_floor(c, b, args.context, touched), ceil)
             out["decode"].append(row)
-            print(f"decode batch {b}: {row['ms']:.2f} ms (floor {row['floor_ms']:.2f})", flush=True)
+            print(f"decode batch {b}: {row['ms']:.2f} ms eager, {row.get('graph_ms', 0):.2f} ms "
+                  f"graphs (floor {row['floor_ms']:.2f})", flush=True)  # fmt: skip
             save()
     for tokens in sorted(args.prefill):
         with section(out, f"ours prefill {tokens}"):
@@ -648,15 +679,17 @@ def print_tables(out: dict) -> None:
               f"bf16 GEMM {ceil['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s; "
               "floor = max(bytes / copy, FLOPs / GEMM)")  # fmt: skip
     print(f"\ndecode, one token per sequence over {out['args']['context']} tokens of context, "
-          "ms per step (median); graphs: our engine has no CUDA graphs yet")  # fmt: skip
+          "ms per step (median, greedy sampling included); ours: eager, graphs: CUDA graphs "
+          f"(block tables sized for {out['args'].get('max_model_len')} tokens)")  # fmt: skip
     print(_line(DECODE_HEAD))
     for r in out["decode"]:
         hf = peer.get("decode_ms", {}).get(str(r["batch"]), {}).get("ms")
         hfc = peer.get("compiled_decode_ms", {}).get(str(r["batch"]), {}).get("ms")
+        best = min(r["ms"], r.get("graph_ms", r["ms"]))
         print(_line((str(r["batch"]), _f(r["ms"]), _f(r.get("host_ms")), _f(r.get("busy_ms")),
-                     "n/a", _f(r["floor_ms"]), _f(r["x_floor"], 1), _f(r["bytes"] / 1e9, 1),
-                     _f(r.get("experts_touched_mean"), 1), _f(hf), _f(hfc),
-                     _f(hf / r["ms"] if hf else None),
+                     _f(r.get("graph_ms")), _f(r["floor_ms"]), _f(best / r["floor_ms"], 1),
+                     _f(r["bytes"] / 1e9, 1), _f(r.get("experts_touched_mean"), 1), _f(hf),
+                     _f(hfc), _f(hf / best if hf else None),
                      _f(TARGETS_MS.get(("decode", r["batch"])), 1))))  # fmt: skip
     print(f"\nprefill of one sequence, passes of at most {out['args']['chunk']} tokens, ms")
     print(_line(PREFILL_HEAD))
@@ -748,6 +781,9 @@ def main(argv: list[str] | None = None) -> None:
         help="skip a chunked prefill predicted to take longer",
     )
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip CUDA graphs")
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="tokens the decode graphs' block tables hold")  # fmt: skip
     p.add_argument("--no-hf-compile", dest="hf_compile", action="store_false")
     p.add_argument(
         "--hf-compile-min-s",

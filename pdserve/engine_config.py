@@ -8,6 +8,7 @@ parser and then refused with a message that says so, never silently ignored.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -77,8 +78,11 @@ class EngineConfig:
     timeout_graceful_shutdown: float = _flag("seconds SIGTERM waits for in-flight requests",
                                              default=10.0)  # fmt: skip
     speculative_config: str | None = _flag("speculative decoding JSON", default=None)
-    graph_optimization_config: str | None = _flag("CUDA graph JSON", default=None)
-    use_cudagraph: bool = _flag("capture decode in CUDA graphs", default=False)
+    graph_optimization_config: str | None = _flag(
+        'CUDA graph JSON: {"use_cudagraph": bool, "cudagraph_capture_sizes": [1, 2, ...], '
+        '"max_capture_batch_size": N, "graph_opt_level": 0}; decode runs in CUDA graphs on '
+        'the GPU backend unless "use_cudagraph" is false', default=None)  # fmt: skip
+    use_cudagraph: bool = _flag("capture decode in CUDA graphs (the GPU default)", default=False)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "engine_worker_queue_port", "cache_queue_port",
@@ -118,6 +122,7 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
         self._refuse_unbuilt()
+        self.cudagraph_capture_sizes(1)  # a malformed --graph-optimization-config fails here
 
     def _refuse_unbuilt(self) -> None:
         """Accepted for FastDeploy compatibility, not implemented yet: say so."""
@@ -126,13 +131,23 @@ class EngineConfig:
             "quantization": self.quantization
             not in (None, "none", "wint8", "wint4", "block_wise_fp8"),
             "speculative_config": self.speculative_config is not None,
-            "graph_optimization_config": self.graph_optimization_config is not None,
-            "use_cudagraph": self.use_cudagraph,
         }
         for name, used in unbuilt.items():
             if used:
                 raise ValueError(f"--{_dash(name)} {getattr(self, name)!r}: not implemented yet "
                                  "in pdserve")  # fmt: skip
+
+    def cudagraph_capture_sizes(self, default_max: int) -> list[int]:
+        """Decode batch sizes to capture as CUDA graphs on a GPU backend ([]: graphs off).
+        Default: 1, 2, 4, 8 and multiples of 16 up to min(--max-num-seqs, default_max)."""
+        opts = _graph_options(self.graph_optimization_config)
+        if not opts.get("use_cudagraph", True) and not self.use_cudagraph:
+            return []
+        limit = min(self.max_num_seqs, opts.get("max_capture_batch_size", default_max))
+        sizes = opts.get("cudagraph_capture_sizes")
+        if sizes is None:
+            return default_capture_sizes(limit)
+        return sorted({s for s in sizes if s <= self.max_num_seqs})
 
     @property
     def model_name(self) -> str:
@@ -168,6 +183,45 @@ class EngineConfig:
         if values["api_key"] is None:
             values["api_key"] = os.environ.get("FD_API_KEY") or None
         return cls(**values)
+
+
+def default_capture_sizes(max_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_size (and max_size itself): a decode
+    batch pads by at most 15 rows above 8."""
+    sizes = {s for s in (1, 2, 4, 8) if s <= max_size} | set(range(16, max_size + 1, 16))
+    return sorted(sizes | {max_size}) if max_size >= 1 else []
+
+
+_GRAPH_KEYS = {"use_cudagraph": bool, "cudagraph_capture_sizes": list,
+               "max_capture_batch_size": int, "graph_opt_level": int}  # fmt: skip
+
+
+def _graph_options(text: str | None) -> dict[str, Any]:
+    """--graph-optimization-config parsed and checked (ValueError naming the flag)."""
+    if text is None:
+        return {}
+    flag = "--graph-optimization-config"
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e})") from None
+    if not isinstance(opts, dict):
+        raise ValueError(f"{flag}: expected a JSON object, got {text!r}")
+    for key, value in opts.items():
+        kind = _GRAPH_KEYS.get(key)
+        if kind is None:
+            raise ValueError(f"{flag}: unknown key {key!r}; known: {', '.join(_GRAPH_KEYS)}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{flag}: {key} must be a {kind.__name__}, got {value!r}")
+    sizes = opts.get("cudagraph_capture_sizes")
+    if sizes is not None and not all(type(s) is int and 1 <= s <= 4096 for s in sizes):
+        raise ValueError(f"{flag}: cudagraph_capture_sizes must be ints in [1, 4096]")
+    if not 1 <= opts.get("max_capture_batch_size", 1) <= 4096:
+        raise ValueError(f"{flag}: max_capture_batch_size must be in [1, 4096]")
+    if opts.get("graph_opt_level", 0) != 0:
+        raise ValueError(f"{flag}: graph_opt_level {opts['graph_opt_level']} (static graph "
+                         "compilation) is not implemented in pdserve; use 0")  # fmt: skip
+    return opts
 
 
 def _dash(name: str) -> str:

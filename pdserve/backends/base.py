@@ -22,6 +22,20 @@ class Ops(ABC):
 
     name: str
 
+    # -- optional: what a GPU backend adds ------------------------------------------------------
+    def decode_graphs(
+        self, forward: Any, kv_cache: Array, block_size: int, max_blocks_per_seq: int,
+        sizes: Any,
+    ) -> Any:  # fmt: skip
+        """Decode steps captured as graphs (a `DecodeGraphs`, see backends/cupy_graphs.py), or
+        None on a backend without them."""
+        return None
+
+    def greedy_sample(self, logits: Array) -> tuple[np.ndarray, np.ndarray] | None:
+        """(argmax ids [B] int64, their log-probabilities [B] float32) on the host, computed
+        where the logits [B, V] are; None when the backend leaves sampling to the host."""
+        return None
+
     # -- memory -----------------------------------------------------------------------------
     @abstractmethod
     def weight(self, host: np.ndarray, fp32: bool = False) -> Array:

@@ -14,14 +14,13 @@ from pathlib import Path
 import cupy as cp
 import ml_dtypes
 import numpy as np
-from cupy_backends.cuda.libs import cublas
+
+from pdserve.backends.cublas_capturable import CUDA_R_16BF, CUDA_R_32F, for_device
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.MULTILINE)
 
-# cudaDataType_t values (library_types.h)
-_CUDA_R_32F, _CUDA_R_16BF = 0, 14
 # NaN bit patterns that poisoned outputs start as
 _POISON = {2: 0x7FC0, 4: 0x7FC00000}
 
@@ -112,22 +111,13 @@ def row_major(x: cp.ndarray, dtype: np.dtype = BF16) -> cp.ndarray:
 
 def gemm(k: Kernels, x: cp.ndarray, w: cp.ndarray, out_dtype: np.dtype) -> cp.ndarray:
     """x [M, K] bf16 (unit column stride) times w [N, K] bf16, transposed: [M, N] in
-    `out_dtype` (bf16 or float32), float32 accumulation through cublasGemmEx."""
+    `out_dtype` (bf16 or float32), float32 accumulation through cublasGemmEx (capturable)."""
     m, kdim = x.shape
     if x.dtype != BF16 or x.strides[1] != 2 or x.strides[0] < 2 * kdim or x.strides[0] % 2:
         x = row_major(x)
     n = w.shape[0]
     out = k.empty((m, n), out_dtype)
-    handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    # column-major view: out^T [N, M] = w [N, K] (stored as K x N, transposed) @ x^T [K, M]
-    cublas.gemmEx(
-        handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, kdim,
-        one.ctypes.data, w.data.ptr, _CUDA_R_16BF, kdim,
-        x.data.ptr, _CUDA_R_16BF, x.strides[0] // 2,
-        zero.ctypes.data, out.data.ptr, _CUDA_R_32F if out_dtype == np.float32 else _CUDA_R_16BF, n,
-        cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT,
-    )  # fmt: skip
+    out_type = CUDA_R_32F if np.dtype(out_dtype) == np.float32 else CUDA_R_16BF
+    for_device(x.device.id).gemm_nt(m, n, kdim, x.data.ptr, x.strides[0] // 2, w.data.ptr,
+                                    w.strides[0] // 2, out.data.ptr, n, out_type)  # fmt: skip
     return out

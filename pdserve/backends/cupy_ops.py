@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import cupy as cp
 import numpy as np
 
-from pdserve.backends import cupy_attention, cupy_moe
+from pdserve.backends import cupy_attention, cupy_gemv, cupy_moe, cupy_moe_prefill
 from pdserve.backends.base import Array, Ops
+from pdserve.backends.cupy_graphs import DecodeGraphs
 from pdserve.backends.cupy_kernels import (
     BF16,
     Kernels,
     bf16_bits_to_f32,
-    gemm,
     row_major,
     to_bf16_bits,
 )
@@ -60,6 +60,8 @@ def _threads(n: int) -> int:
 class CupyOps(Ops):
     """`moe_gemv_max_tokens`: batches up to this many tokens take the GEMV experts path.
     `min_split_keys`: the shortest key range attention splits a sequence into.
+    `moe_cublas_min_tokens`: passes of this many tokens or more (prefill) run the experts as one
+    cuBLAS GEMM per expert (backends/cupy_moe_prefill.py).
     `poison`: outputs start as NaN (tests use it to catch unwritten elements)."""
 
     name = "cupy"
@@ -70,6 +72,7 @@ class CupyOps(Ops):
         self.k = Kernels(poison)
         self.moe_gemv_max_tokens = moe_gemv_max_tokens
         self.min_split_keys = min_split_keys
+        self.moe_cublas_min_tokens = cupy_moe_prefill.MIN_TOKENS
         self._inv_freq: dict[tuple[float, int], cp.ndarray] = {}
 
     # -- memory -----------------------------------------------------------------------------
@@ -146,9 +149,10 @@ class CupyOps(Ops):
         return out, res_out
 
     def linear(self, x: cp.ndarray, weight: CupyLinear | cp.ndarray) -> cp.ndarray:
+        # the GEMV up to a few tokens (decode), cuBLAS above (backends/cupy_gemv.py)
         if isinstance(weight, CupyLinear):
-            return gemm(self.k, x, weight.data, BF16)
-        return gemm(self.k, x, weight, np.dtype(np.float32))  # the lm_head: float32 logits
+            return cupy_gemv.linear(self.k, x, weight.data, BF16)
+        return cupy_gemv.linear(self.k, x, weight, np.dtype(np.float32))  # lm_head: f32 logits
 
     def rope(self, x: cp.ndarray, positions: cp.ndarray, theta: float) -> cp.ndarray:
         t, heads, d = x.shape
@@ -212,6 +216,30 @@ class CupyOps(Ops):
     ) -> cp.ndarray:
         gate_up = gate_up.data if isinstance(gate_up, CupyLinear) else gate_up
         down = down.data if isinstance(down, CupyLinear) else down
+        if x.shape[0] >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(x.shape[0]):
+            return cupy_moe_prefill.moe_experts(
+                self.k, row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
+                row_major(gate_up), row_major(down),
+            )  # fmt: skip
         return cupy_moe.moe_experts(
             self.k, x, weights, ids, row_major(gate_up), row_major(down), self.moe_gemv_max_tokens
         )
+
+    # -- decode graphs and sampling ---------------------------------------------------------
+    def decode_graphs(
+        self, forward: object, kv_cache: cp.ndarray, block_size: int, max_blocks_per_seq: int,
+        sizes: object,
+    ) -> DecodeGraphs:  # fmt: skip
+        graphs = DecodeGraphs(forward, kv_cache, block_size, max_blocks_per_seq, sizes)
+        graphs.capture()
+        return graphs
+
+    def greedy_sample(self, logits: cp.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b, v = logits.shape
+        if logits.dtype != np.float32 or logits.strides[1] != 4:
+            logits = row_major(logits, np.float32)
+        ids = self.k.empty((b,), np.int64)
+        logprobs = self.k.empty((b,), np.float32)
+        self.k.launch("sampling.cu", "greedy_sample", (b,), 1024,
+                      (logits, np.int64(logits.strides[0] // 4), v, ids, logprobs))  # fmt: skip
+        return cp.asnumpy(ids), cp.asnumpy(logprobs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,10 +12,11 @@ import numpy as np
 from pdserve.backends import get_ops
 from pdserve.backends.base import Ops
 from pdserve.config import ModelConfig
+from pdserve.engine import memory_sizing
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import ModelRunner, SeqChunk
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.sampler import sample
+from pdserve.engine.sampler import SamplingState, sample
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from pdserve.engine.tp_group import TPGroup
 from pdserve.engine_config import EngineConfig
@@ -23,8 +24,23 @@ from pdserve.model.ernie45_moe import ErnieMoeForCausalLM, load_model
 from pdserve.model.tiny import resolve_model_path
 from pdserve.model.tp_shard import TPLayout
 
+MAX_GRAPH_BATCH = 128  # largest decode batch captured by default
 # KV pool size on the NumPy backend when no block count is given (GPU sizing comes from memory).
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+
+def _plain_greedy(s: SamplingState) -> bool:
+    """Greedy, no penalty, no token banned by min_tokens, no top alternatives asked: the argmax
+    of the raw logits is the token."""
+    p = s.params
+    return (
+        p.greedy
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and s.num_output_tokens >= p.min_tokens
+        and not p.logprobs
+    )
 
 
 def kv_block_bytes(c: ModelConfig, block_size: int) -> int:
@@ -74,9 +90,10 @@ class EngineCore:
         num_host_blocks: int = 0,
         kv_cache: Any = None,
         workers: Any = None,
+        graph_sizes: Sequence[int] = (),
     ) -> None:
         self.runner = ModelRunner(model, ops, num_blocks, block_size, num_host_blocks, kv_cache,
-                                  workers)  # fmt: skip
+                                  workers, graph_sizes, scheduler_config.max_model_len)  # fmt: skip
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
         self.requests: dict[str, Request] = {}
@@ -115,7 +132,7 @@ class EngineCore:
         ]
         hook = self.pusher.layer_hook(plan) if self.pusher else None
         jobs = hook.jobs if hook is not None else []
-        logits = self.runner.execute(chunks, hook, jobs)  # [S, V], a row per chunk's last token
+        logits = self.runner.execute_device(chunks, hook, jobs)  # [S, V]: each chunk's last token
         ready = []  # rows whose chunk reaches the end of the request's tokens: sample those
         for i, (req, n) in enumerate(zip(plan.requests, plan.num_new_tokens)):
             req.num_computed_tokens += n
@@ -124,14 +141,29 @@ class EngineCore:
                 ready.append(i)
         outputs = []
         if ready:
-            sampled = sample(logits[ready], [plan.requests[i].sampling for i in ready])
+            rows = logits if len(ready) == len(chunks) else logits[ready]
+            token_ids, logprobs, tops = self.sample(rows, [plan.requests[i] for i in ready])
             for j, i in enumerate(ready):
-                outputs.append(self.accept_token(plan.requests[i], int(sampled.token_ids[j]),
-                                                 float(sampled.logprobs[j]),
-                                                 sampled.top_logprobs[j]))  # fmt: skip
+                outputs.append(self.accept_token(plan.requests[i], int(token_ids[j]),
+                                                 float(logprobs[j]), tops[j]))  # fmt: skip
         if self.pusher is not None:
             outputs = self.pusher.after_step(plan, outputs)
         return outputs
+
+    def sample(self, logits: Any, reqs: list[Request]) -> tuple[np.ndarray, np.ndarray, list]:
+        """(token ids, their logprobs, top alternatives) for the device logits [B, V] of reqs.
+        When every request is plain greedy the backend may pick on the device and move only
+        ids and logprobs; otherwise the logits come to the host for the full sampler."""
+        states = [r.sampling for r in reqs]
+        if all(_plain_greedy(s) for s in states):
+            picked = self.runner.ops.greedy_sample(logits)
+            if picked is not None:
+                for s in states:  # one draw per step, as `sample` does
+                    s.generator.random()
+                return picked[0], picked[1], [None] * len(states)
+        host = self.runner.ops.to_host(logits).astype(np.float32, copy=False)
+        sampled = sample(host, states)
+        return sampled.token_ids, sampled.logprobs, sampled.top_logprobs
 
     def accept_token(
         self, req: Request, token: int, logprob: float, top: tuple[np.ndarray, np.ndarray] | None
@@ -151,7 +183,8 @@ class EngineCore:
 
 def kv_sizing(config: EngineConfig) -> tuple[Path, ModelConfig, int, int]:
     """The model's path and config, and the device and host KV blocks of every rank: what
-    rank 0 decides before its workers start. ValueError naming the flag on a bad value."""
+    rank 0 decides before its workers start (a GPU pool is resized from memory once the model
+    is loaded: memory_sizing). ValueError naming the flag on a bad value."""
     path = resolve_model_path(config.model)
     c = ModelConfig.from_hf(path)
     if config.max_model_len > c.max_position_embeddings:
@@ -174,7 +207,7 @@ def build_engine_core(
     """Load the model of a node's EngineConfig (rank tp.rank's shard) and size its KV pool;
     `kv_pool(shape)` may provide the pool's memory (shared memory on a decode node);
     `workers` are ranks 1.. of a tensor-parallel node (engine/workers.py)."""
-    ops = get_ops(config.backend)
+    ops = get_ops(config.backend, config.tensor_parallel_size)
     if config.tensor_parallel_size > 1 and ops.name != "numpy":
         raise ValueError(
             f"--tensor-parallel-size {config.tensor_parallel_size}: the {ops.name} backend "
@@ -182,7 +215,10 @@ def build_engine_core(
         )
     quant = None if config.quantization in (None, "none") else config.quantization
     path, c, num_blocks, num_host_blocks = kv_sizing(config)
+    before_load = memory_sizing.snapshot(ops)  # None on the NumPy backend
     model = load_model(path, ops, progress=False, quantization=quant, tp=tp)
+    if before_load is not None:  # a GPU pool is sized from the memory the model leaves
+        num_blocks = memory_sizing.gpu_kv_blocks(config, model, ops, before_load)
     sched = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.batched_tokens,
@@ -192,4 +228,15 @@ def build_engine_core(
     )
     pool = kv_pool(model.kv_cache_shape(num_blocks, config.block_size)) if kv_pool else None
     return EngineCore(model, ops, num_blocks, config.block_size, sched,
-                      config.enable_prefix_caching, num_host_blocks, pool, workers)  # fmt: skip
+                      config.enable_prefix_caching, num_host_blocks, pool, workers,
+                      graph_sizes(config, ops))  # fmt: skip
+
+
+def graph_sizes(config: EngineConfig, ops: Ops) -> list[int]:
+    """The decode batch sizes to capture as CUDA graphs: none on a backend without graphs
+    (where asking for them is an error naming the flag)."""
+    if ops.name == "numpy":
+        if config.use_cudagraph:
+            raise ValueError("--use-cudagraph: CUDA graphs need a GPU backend (--backend cupy)")
+        return []
+    return config.cudagraph_capture_sizes(MAX_GRAPH_BATCH)

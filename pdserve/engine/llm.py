@@ -36,6 +36,7 @@ class LLM:
         num_host_blocks: int = 0,
         quantization: str | None = None,
         progress: bool = True,
+        graph_sizes: Sequence[int] = (),
     ) -> None:
         if block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {block_size}")
@@ -57,7 +58,8 @@ class LLM:
             kv_cache_ratio=kv_cache_ratio,
         )
         self.engine = EngineCore(self.model, self.ops, num_blocks, block_size, config,
-                                 enable_prefix_caching, num_host_blocks)  # fmt: skip
+                                 enable_prefix_caching, num_host_blocks,
+                                 graph_sizes=graph_sizes)  # fmt: skip
         self._ids = itertools.count()
 
     def generate(

@@ -44,6 +44,8 @@ class ModelRunner:
         num_host_blocks: int = 0,
         kv_cache: Any = None,
         workers: Any = None,
+        graph_sizes: Sequence[int] = (),
+        max_model_len: int | None = None,
     ) -> None:
         self.model = model
         self.workers = workers  # rank 0 of a tensor-parallel node: ranks 1.. (engine/workers.py)
@@ -56,6 +58,12 @@ class ModelRunner:
         assert tuple(self.kv_cache.shape) == shape, "KV pool of the wrong shape"
         # the --swap-space tier: host memory, same layout
         self.host_cache = np.zeros(model.kv_cache_shape(num_host_blocks, block_size), np.float32)
+        # decode steps of up to max(graph_sizes) sequences as CUDA graphs (None: every step eager)
+        self.graphs = None
+        if graph_sizes:
+            max_blocks = -(-(max_model_len or num_blocks * block_size) // block_size)
+            self.graphs = ops.decode_graphs(model.forward, self.kv_cache, block_size,
+                                            max_blocks, graph_sizes)  # fmt: skip
 
     def copy_blocks(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """Run the block manager's swaps in order: (SWAP_OUT, block, slot) copies a device block
@@ -134,6 +142,16 @@ class ModelRunner:
         """Run one forward pass; logits [L, V] float32 on the host, in chunk order (None on
         tensor-parallel ranks but 0). `after_layer(i)` runs once layer i's KV of this batch is
         in the pool; the other ranks push `kv_jobs` (their shards of the same blocks)."""
+        logits = self.execute_device(chunks, after_layer, kv_jobs)
+        return None if logits is None else self.ops.to_host(logits).astype(np.float32, copy=False)
+
+    def execute_device(
+        self,
+        chunks: Sequence[SeqChunk],
+        after_layer: Callable[[int], None] | None = None,
+        kv_jobs: Sequence[Any] = (),
+    ) -> Any:
+        """`execute`, leaving the logits [L, V] on the backend's device."""
         host = self.build_batch(chunks)
         if self.workers is not None:
             self.workers.step(host, kv_jobs)
@@ -141,11 +159,13 @@ class ModelRunner:
 
     def execute_batch(
         self, host: ForwardBatch, after_layer: Callable[[int], None] | None = None
-    ) -> np.ndarray | None:
-        """Run the pass of a batch built on the host (by this runner or rank 0's)."""
+    ) -> Any:
+        """Run the pass of a batch built on the host (by this runner or rank 0's): device logits,
+        or None on tensor-parallel ranks but 0. Decode batches replay a CUDA graph when one fits."""
+        if self.graphs is not None and after_layer is None:
+            logits = self.graphs.run(host)
+            if logits is not None:
+                return logits
         batch = self.on_device(host)
         batch.after_layer = after_layer
-        logits = self.model.forward(batch, self.kv_cache)
-        if logits is None:
-            return None
-        return self.ops.to_host(logits).astype(np.float32, copy=False)
+        return self.model.forward(batch, self.kv_cache)

@@ -1,0 +1,101 @@
+"""cuBLAS GEMMs that a CUDA graph can capture, called through ctypes.
+
+CuPy's own cuBLAS bindings cannot be captured (DESIGN.md 5a), but cuBLAS itself can, provided the
+handle is bound to the capturing stream and owns a fixed workspace (so it allocates nothing while
+capturing). This module opens the libcublas CuPy already loaded, keeps one handle per device with a
+workspace of its own, and rebinds the handle's stream only when the current stream changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from pathlib import Path
+
+import cupy as cp
+from cupy_backends.cuda.libs import cublas  # noqa: F401  (loads CuPy's libcublas)
+
+CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType_t (library_types.h)
+_OP_N, _OP_T = 0, 1
+_COMPUTE_32F = 68  # CUBLAS_COMPUTE_32F
+_GEMM_DEFAULT = -1
+_POINTER_MODE_HOST = 0
+WORKSPACE_BYTES = 32 << 20  # what cuBLAS asks for Hopper GEMMs, with room to spare
+
+
+def _library_path() -> str:
+    """The libcublas this process already mapped (CuPy's), else the system's."""
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        for line in maps.read_text().splitlines():
+            path = line.split()[-1]
+            if "/libcublas.so" in path:
+                return path
+    found = ctypes.util.find_library("cublas")
+    if found is None:
+        raise OSError("libcublas is not loaded and not found on the library path")
+    return found
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(_library_path())
+    lib.cublasCreate_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.cublasSetWorkspace_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.cublasSetPointerMode_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    i, p = ctypes.c_int, ctypes.c_void_p
+    lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+    return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"cuBLAS {what} failed with status {status}")
+
+
+class Cublas:
+    """One cuBLAS handle of the current device, with its own workspace."""
+
+    def __init__(self) -> None:
+        lib = _lib()
+        handle = ctypes.c_void_p()
+        _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+        self._lib, self._handle = lib, handle
+        self._workspace = cp.cuda.Memory(WORKSPACE_BYTES)  # outside any pool: lives as long
+        _check(lib.cublasSetWorkspace_v2(handle, self._workspace.ptr, WORKSPACE_BYTES), "workspace")
+        _check(lib.cublasSetPointerMode_v2(handle, _POINTER_MODE_HOST), "pointer mode")
+        self._stream: int | None = None
+        self._one = ctypes.c_float(1.0)
+        self._zero = ctypes.c_float(0.0)
+
+    def _bind_current_stream(self) -> None:
+        stream = cp.cuda.get_current_stream().ptr
+        if stream != self._stream:
+            _check(self._lib.cublasSetStream_v2(self._handle, stream), "cublasSetStream")
+            self._stream = stream
+
+    def gemm_nt(
+        self, m: int, n: int, k: int, x_ptr: int, ldx: int, w_ptr: int, ldw: int,
+        out_ptr: int, ldo: int, out_type: int, accumulate: bool = False,
+    ) -> None:  # fmt: skip
+        """Row-major out[m, n] (+)= x[m, k] @ w[n, k]^T, x and w bf16, float32 accumulation; ld*
+        are row strides in elements. In cuBLAS' column-major terms: out^T = w @ x^T."""
+        self._bind_current_stream()
+        beta = self._one if accumulate else self._zero
+        status = self._lib.cublasGemmEx(
+            self._handle, _OP_T, _OP_N, n, m, k,
+            ctypes.byref(self._one), w_ptr, CUDA_R_16BF, ldw,
+            x_ptr, CUDA_R_16BF, ldx,
+            ctypes.byref(beta), out_ptr, out_type, ldo,
+            _COMPUTE_32F, _GEMM_DEFAULT,
+        )  # fmt: skip
+        _check(status, f"cublasGemmEx ({m}x{n}x{k})")
+
+
+@functools.cache
+def for_device(device_id: int) -> Cublas:
+    """The handle of device `device_id` (create it with that device current)."""
+    with cp.cuda.Device(device_id):
+        return Cublas()
