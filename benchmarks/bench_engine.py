@@ -316,7 +316,8 @@ def measure_ceilings(dev: Device, ops: Ops, copy_bytes: int, n: int) -> dict:
 # -- profile ------------------------------------------------------------------------------------
 OP_CATEGORY = {
     "embedding": "embedding", "rms_norm": "norm", "add_rms_norm": "norm",
-    "rope": "rope + kv write", "write_kv": "rope + kv write", "paged_attention": "attention",
+    "rope": "rope + kv write", "write_kv": "rope + kv write", "rope_write_kv": "rope + kv write",
+    "paged_attention": "attention",
     "silu_mul": "silu_mul", "moe_route": "moe_route", "moe_experts": "moe_experts",
     "linear": "linear",
 }  # fmt: skip

@@ -41,3 +41,41 @@ extern "C" __global__ void write_kv(const bf16_t* __restrict__ k, long long k_ro
     dv[i] = v[t * v_row + i];
   }
 }
+
+// The two above fused for a qkv projection's output: q_out[t] = rope(q[t]), kv[0, slot] =
+// rope(k[t]), kv[1, slot] = v[t], rounding exactly as `rope` then `write_kv` do.
+// qkv: [T, (heads + 2 kv_heads) * D] bf16 rows (q | k | v) of stride `row` elements; pos,
+// inv_freq, slots (negative: padding, no KV written) and kv as above; q_out: [T, heads, D] bf16.
+// One block per token.
+extern "C" __global__ void rope_qkv_write_kv(const bf16_t* __restrict__ qkv, long long row,
+                                             const long long* __restrict__ pos,
+                                             const float* __restrict__ inv_freq,
+                                             bf16_t* __restrict__ q_out,
+                                             const long long* __restrict__ slots,
+                                             bf16_t* __restrict__ kv, long long kv_half,
+                                             int heads, int kv_heads, int D) {
+  const int t = blockIdx.x, half = D >> 1;
+  const float p = (float)pos[t];
+  const long long slot = slots[t];
+  const bf16_t* src = qkv + t * row;
+  bf16_t* dk = kv + slot * kv_heads * D;  // only touched when slot >= 0
+  for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
+    const int h = idx / half, i = idx - h * half;
+    const float a = bf2f(src[h * D + 2 * i]), b = bf2f(src[h * D + 2 * i + 1]);
+    float s, c;
+    sincosf(p * inv_freq[i], &s, &c);
+    bf16_t* dst;
+    if (h < heads) {
+      dst = q_out + ((long long)t * heads + h) * D + 2 * i;
+    } else if (slot >= 0) {
+      dst = dk + (h - heads) * D + 2 * i;
+    } else {
+      continue;
+    }
+    dst[0] = f2bf(a * c - b * s);
+    dst[1] = f2bf(b * c + a * s);
+  }
+  if (slot < 0) return;
+  const bf16_t* v = src + (heads + kv_heads) * D;
+  for (int i = threadIdx.x; i < kv_heads * D; i += blockDim.x) dk[kv_half + i] = v[i];
+}

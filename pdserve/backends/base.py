@@ -88,6 +88,21 @@ class Ops(ABC):
     def write_kv(self, kv_layer: Array, k: Array, v: Array, slot_mapping: Array) -> None:
         """Store k, v [T, kv_heads, D] into kv_layer [2, blocks, block_size, kv_heads, D]."""
 
+    def rope_write_kv(
+        self, qkv: Array, heads: int, kv_heads: int, positions: Array, theta: float,
+        kv_layer: Array, slot_mapping: Array,
+    ) -> Array:  # fmt: skip
+        """The qkv projection's output [T, (heads + 2 kv_heads) * D] (q | k | v): rotates q and k,
+        stores k and v into kv_layer at slot_mapping, returns q [T, heads, D]. Backends may fuse
+        it; this is `rope`, `rope` and `write_kv` in turn."""
+        t, d = qkv.shape[0], qkv.shape[1] // (heads + 2 * kv_heads)
+        q = qkv[:, : heads * d].reshape(t, heads, d)
+        k = qkv[:, heads * d : (heads + kv_heads) * d].reshape(t, kv_heads, d)
+        v = qkv[:, (heads + kv_heads) * d :].reshape(t, kv_heads, d)
+        q = self.rope(q, positions, theta)
+        self.write_kv(kv_layer, self.rope(k, positions, theta), v, slot_mapping)
+        return q
+
     @abstractmethod
     def paged_attention(
         self, q: Array, kv_layer: Array, batch: ForwardBatch, scale: float

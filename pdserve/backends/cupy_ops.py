@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import cupy as cp
 import numpy as np
 
-from pdserve.backends import cupy_attention, cupy_gemv, cupy_moe, cupy_moe_prefill
+from pdserve.backends import cupy_attention, cupy_moe, cupy_moe_prefill
 from pdserve.backends.base import Array, Ops
 from pdserve.backends.cupy_graphs import DecodeGraphs
 from pdserve.backends.cupy_kernels import (
     BF16,
     Kernels,
     bf16_bits_to_f32,
+    gemm,
     row_major,
     to_bf16_bits,
 )
@@ -149,19 +150,22 @@ class CupyOps(Ops):
         return out, res_out
 
     def linear(self, x: cp.ndarray, weight: CupyLinear | cp.ndarray) -> cp.ndarray:
-        # the GEMV up to a few tokens (decode), cuBLAS above (backends/cupy_gemv.py)
         if isinstance(weight, CupyLinear):
-            return cupy_gemv.linear(self.k, x, weight.data, BF16)
-        return cupy_gemv.linear(self.k, x, weight, np.dtype(np.float32))  # lm_head: f32 logits
+            return gemm(self.k, x, weight.data, BF16)
+        return gemm(self.k, x, weight, np.dtype(np.float32))  # the lm_head: float32 logits
+
+    def _rope_freq(self, theta: float, d: int) -> cp.ndarray:
+        inv_freq = self._inv_freq.get((theta, d))
+        if inv_freq is None:  # the reference's float32 formula, bit for bit
+            host = 1.0 / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / d))
+            inv_freq = self._inv_freq[(theta, d)] = cp.asarray(host.astype(np.float32))
+        return inv_freq
 
     def rope(self, x: cp.ndarray, positions: cp.ndarray, theta: float) -> cp.ndarray:
         t, heads, d = x.shape
         if x.dtype != BF16 or x.strides[2] != 2:
             x = row_major(x)
-        inv_freq = self._inv_freq.get((theta, d))
-        if inv_freq is None:  # the reference's float32 formula, bit for bit
-            host = 1.0 / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / d))
-            inv_freq = self._inv_freq[(theta, d)] = cp.asarray(host.astype(np.float32))
+        inv_freq = self._rope_freq(theta, d)
         out = self.k.empty((t, heads, d), BF16)  # [T, heads, D], contiguous
         args = (x, np.int64(x.strides[0] // 2), np.int64(x.strides[1] // 2),
                 row_major(positions, np.int64), inv_freq, out, heads, d)  # fmt: skip
@@ -178,6 +182,21 @@ class CupyOps(Ops):
                 row_major(slot_mapping, np.int64), kv_layer, np.int64(kv_layer[0].size),
                 kv_heads * d)  # fmt: skip
         self.k.launch("rope_kv.cu", "write_kv", (t,), _threads(min(kv_heads * d, 256)), args)
+
+    def rope_write_kv(
+        self, qkv: cp.ndarray, heads: int, kv_heads: int, positions: cp.ndarray, theta: float,
+        kv_layer: cp.ndarray, slot_mapping: cp.ndarray,
+    ) -> cp.ndarray:  # fmt: skip
+        if qkv.dtype != BF16 or qkv.strides[1] != 2:
+            qkv = row_major(qkv)
+        t, d = qkv.shape[0], qkv.shape[1] // (heads + 2 * kv_heads)
+        q = self.k.empty((t, heads, d), BF16)  # [T, heads, D], contiguous
+        args = (qkv, np.int64(qkv.strides[0] // 2), row_major(positions, np.int64),
+                self._rope_freq(theta, d), q, row_major(slot_mapping, np.int64), kv_layer,
+                np.int64(kv_layer[0].size), heads, kv_heads, d)  # fmt: skip
+        threads = _threads(min((heads + kv_heads) * d // 2, 512))
+        self.k.launch("rope_kv.cu", "rope_qkv_write_kv", (t,), threads, args)
+        return q
 
     def paged_attention(
         self, q: cp.ndarray, kv_layer: cp.ndarray, batch: ForwardBatch, scale: float

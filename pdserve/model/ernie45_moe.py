@@ -42,12 +42,15 @@ class ErnieMoeAttention:
     def __call__(self, x: Array, kv_layer: Array, batch: ForwardBatch) -> Array:
         ops, t = self.ops, x.shape[0]
         qkv = ops.linear(x, self.qkv)  # [T, q + 2kv]
-        q = qkv[:, : self.q_size].reshape(t, self.heads, self.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].reshape(t, self.kv_heads, -1)
-        v = qkv[:, self.q_size + self.kv_size :].reshape(t, self.kv_heads, self.head_dim)
-        q = ops.rope(q, batch.positions, self.theta)
-        k = ops.rope(k, batch.positions, self.theta)
-        ops.write_kv(kv_layer, k, v, batch.slot_mapping)
+        q = ops.rope_write_kv(
+            qkv,
+            self.heads,
+            self.kv_heads,
+            batch.positions,
+            self.theta,
+            kv_layer,
+            batch.slot_mapping,
+        )  # [T, heads, D]; K, V in the pool
         out = ops.paged_attention(q, kv_layer, batch, self.scale)  # [T, heads, D]
         return self.tp.all_reduce(ops.linear(out.reshape(t, self.q_size), self.o))  # [T, H]
 

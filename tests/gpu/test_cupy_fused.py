@@ -1,0 +1,44 @@
+"""Fused GPU ops against the unfused ops they replace: bit-identical results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pdserve.backends import gpu_unavailable_reason
+from pdserve.backends.base import Ops
+from tests.gpu.bf16_reference import round_bf16
+
+REASON = gpu_unavailable_reason()
+if REASON is not None:
+    pytest.skip(f"GPU tests need CuPy and a CUDA GPU: {REASON}", allow_module_level=True)
+else:
+    import cupy as cp
+
+    from pdserve.backends.cupy_ops import CupyOps
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,d", [(1, 20, 4, 128), (37, 6, 2, 64), (5, 4, 4, 16)])
+def test_rope_write_kv_equals_rope_then_write_kv(t, heads, kv_heads, d):
+    seed = int(np.random.SeedSequence().entropy) % 2**63
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    ops = CupyOps(poison=True)
+    blocks, bs = 7, 16
+    width = (heads + 2 * kv_heads) * d
+    qkv = ops.weight(round_bf16(rng.standard_normal((t, width + 8)).astype(np.float32)))[:, :width]
+    positions = ops.to_device(rng.integers(0, 5000, t).astype(np.int64))
+    slots = rng.permutation(blocks * bs)[:t].astype(np.int64)
+    slots[::3] = -1  # padding rows write nothing
+    slots = ops.to_device(slots)
+    pools = [ops.alloc_kv_cache((2, blocks, bs, kv_heads, d)) for _ in range(2)]
+    for pool in pools:
+        pool.view(np.uint16)[...] = 0x3F80  # 1.0 everywhere: untouched slots stay 1.0
+    fused = ops.rope_write_kv(qkv, heads, kv_heads, positions, 5e5, pools[0], slots)
+    plain = Ops.rope_write_kv(ops, qkv, heads, kv_heads, positions, 5e5, pools[1], slots)
+    assert cp.array_equal(fused.view(np.uint16), plain.view(np.uint16))
+    assert cp.array_equal(pools[0].view(np.uint16), pools[1].view(np.uint16))
+    written = (pools[0].view(np.uint16) != 0x3F80).any(axis=(0, 3, 4))  # [blocks, bs]
+    assert int(written.sum()) <= t - len(range(0, t, 3))  # the real rows' slots at most
