@@ -2,8 +2,9 @@
 
 CuPy's own cuBLAS bindings cannot be captured (DESIGN.md 5a), but cuBLAS itself can, provided the
 handle is bound to the capturing stream and owns a fixed workspace (so it allocates nothing while
-capturing). This module opens the libcublas CuPy already loaded, keeps one handle per device with a
-workspace of its own, and rebinds the handle's stream only when the current stream changes.
+capturing). This module opens the libcublas CuPy already loaded and keeps one handle per stream,
+bound to it once and given its own workspace: never rebinding matters, because cublasSetStream
+resets the workspace, and one workspace per stream is what lets streams run GEMMs concurrently.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 from pathlib import Path
 
 import cupy as cp
+import numpy as np
 from cupy_backends.cuda.libs import cublas  # noqa: F401  (loads CuPy's libcublas)
 
 CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType_t (library_types.h)
@@ -47,6 +49,12 @@ def _lib() -> ctypes.CDLL:
     lib.cublasSetPointerMode_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
     i, p = ctypes.c_int, ctypes.c_void_p
     lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+    ll = ctypes.c_longlong
+    lib.cublasGemmStridedBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p,
+                                               p, i, i, ll, i, i, i]  # fmt: skip
+    if hasattr(lib, "cublasGemmGroupedBatchedEx"):  # cuBLAS >= 12.5
+        lib.cublasGemmGroupedBatchedEx.argtypes = [p, p, p, p, p, p, p, p, i, p, p, i, p, p, p, i,
+                                                   p, i, p, i]  # fmt: skip
     return lib
 
 
@@ -56,25 +64,19 @@ def _check(status: int, what: str) -> None:
 
 
 class Cublas:
-    """One cuBLAS handle of the current device, with its own workspace."""
+    """A cuBLAS handle bound to one stream (of the current device), with its own workspace."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: int) -> None:
         lib = _lib()
         handle = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         self._lib, self._handle = lib, handle
+        _check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
         self._workspace = cp.cuda.Memory(WORKSPACE_BYTES)  # outside any pool: lives as long
         _check(lib.cublasSetWorkspace_v2(handle, self._workspace.ptr, WORKSPACE_BYTES), "workspace")
         _check(lib.cublasSetPointerMode_v2(handle, _POINTER_MODE_HOST), "pointer mode")
-        self._stream: int | None = None
         self._one = ctypes.c_float(1.0)
         self._zero = ctypes.c_float(0.0)
-
-    def _bind_current_stream(self) -> None:
-        stream = cp.cuda.get_current_stream().ptr
-        if stream != self._stream:
-            _check(self._lib.cublasSetStream_v2(self._handle, stream), "cublasSetStream")
-            self._stream = stream
 
     def gemm_nt(
         self, m: int, n: int, k: int, x_ptr: int, ldx: int, w_ptr: int, ldw: int,
@@ -82,7 +84,6 @@ class Cublas:
     ) -> None:  # fmt: skip
         """Row-major out[m, n] (+)= x[m, k] @ w[n, k]^T, x and w bf16, float32 accumulation; ld*
         are row strides in elements. In cuBLAS' column-major terms: out^T = w @ x^T."""
-        self._bind_current_stream()
         beta = self._one if accumulate else self._zero
         status = self._lib.cublasGemmEx(
             self._handle, _OP_T, _OP_N, n, m, k,
@@ -93,9 +94,58 @@ class Cublas:
         )  # fmt: skip
         _check(status, f"cublasGemmEx ({m}x{n}x{k})")
 
+    def gemm_batched_nt(
+        self, batch: int, m: int, n: int, k: int, x_ptr: int, ldx: int, x_stride: int,
+        w_ptr: int, ldw: int, w_stride: int, out_ptr: int, ldo: int, out_stride: int,
+        out_type: int,
+    ) -> None:  # fmt: skip
+        """For b < batch: row-major out_b[m, n] = x_b[m, k] @ w_b[n, k]^T, where operand b sits
+        b * stride elements after the first (cublasGemmStridedBatchedEx)."""
+        status = self._lib.cublasGemmStridedBatchedEx(
+            self._handle, _OP_T, _OP_N, n, m, k, ctypes.byref(self._one),
+            w_ptr, CUDA_R_16BF, ldw, w_stride, x_ptr, CUDA_R_16BF, ldx, x_stride,
+            ctypes.byref(self._zero), out_ptr, out_type, ldo, out_stride, batch,
+            _COMPUTE_32F, _GEMM_DEFAULT,
+        )  # fmt: skip
+        _check(status, f"cublasGemmStridedBatchedEx ({batch} x {m}x{n}x{k})")
 
-@functools.cache
-def for_device(device_id: int) -> Cublas:
-    """The handle of device `device_id` (create it with that device current)."""
-    with cp.cuda.Device(device_id):
-        return Cublas()
+    def gemm_grouped_nt(
+        self, ms: np.ndarray, n: int, k: int, x_ptrs: cp.ndarray, ldx: int, w_ptrs: cp.ndarray,
+        ldw: int, out_ptrs: cp.ndarray, ldo: int, out_type: int,
+    ) -> None:  # fmt: skip
+        """For each group g: row-major out_g[ms[g], n] = x_g[ms[g], k] @ w_g[n, k]^T in one call
+        (cublasGemmGroupedBatchedEx); the *_ptrs are device arrays of uint64 addresses."""
+        g = len(ms)
+        ops_t = np.full(g, _OP_T, np.int32)
+        ops_n = np.full(g, _OP_N, np.int32)
+        m_arr = np.full(g, n, np.int32)  # column-major: out^T [n, m] = w [n, k] @ x^T [k, m]
+        n_arr = np.ascontiguousarray(ms, np.int32)
+        k_arr = np.full(g, k, np.int32)
+        alpha, beta = np.ones(g, np.float32), np.zeros(g, np.float32)
+        ldw_a, ldx_a, ldo_a = (np.full(g, v, np.int32) for v in (ldw, ldx, ldo))
+        sizes = np.ones(g, np.int32)
+        c = np.ctypeslib.as_ctypes
+        status = self._lib.cublasGemmGroupedBatchedEx(
+            self._handle, c(ops_t), c(ops_n), c(m_arr), c(n_arr), c(k_arr), c(alpha),
+            w_ptrs.data.ptr, CUDA_R_16BF, c(ldw_a), x_ptrs.data.ptr, CUDA_R_16BF, c(ldx_a),
+            c(beta), out_ptrs.data.ptr, out_type, c(ldo_a), g, c(sizes), _COMPUTE_32F,
+        )  # fmt: skip
+        _check(status, f"cublasGemmGroupedBatchedEx ({g} groups, n={n}, k={k})")
+
+
+def has_grouped_gemm() -> bool:
+    return hasattr(_lib(), "cublasGemmGroupedBatchedEx")
+
+
+_handles: dict[tuple[int, int], Cublas] = {}
+
+
+def current() -> Cublas:
+    """The handle of the current stream (made on first use, which must not be inside a
+    capture: capture a stream only after running the same work on it eagerly)."""
+    stream = cp.cuda.get_current_stream().ptr  # 0: the legacy default stream of the device
+    key = (cp.cuda.runtime.getDevice(), stream)
+    blas = _handles.get(key)
+    if blas is None:
+        blas = _handles[key] = Cublas(stream)
+    return blas

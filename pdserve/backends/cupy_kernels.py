@@ -15,7 +15,7 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-from pdserve.backends.cublas_capturable import CUDA_R_16BF, CUDA_R_32F, for_device
+from pdserve.backends.cublas_capturable import CUDA_R_16BF, CUDA_R_32F, current
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -118,6 +118,6 @@ def gemm(k: Kernels, x: cp.ndarray, w: cp.ndarray, out_dtype: np.dtype) -> cp.nd
     n = w.shape[0]
     out = k.empty((m, n), out_dtype)
     out_type = CUDA_R_32F if np.dtype(out_dtype) == np.float32 else CUDA_R_16BF
-    for_device(x.device.id).gemm_nt(m, n, kdim, x.data.ptr, x.strides[0] // 2, w.data.ptr,
+    current().gemm_nt(m, n, kdim, x.data.ptr, x.strides[0] // 2, w.data.ptr,
                                     w.strides[0] // 2, out.data.ptr, n, out_type)  # fmt: skip
     return out

@@ -21,11 +21,13 @@ else:
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("skew", [0.0, 1.5], ids=["balanced", "skewed"])
 @pytest.mark.parametrize(
     "t,h,i,e,k",
     [(256, 64, 32, 8, 2), (700, 136, 40, 64, 6), (301, 72, 24, 12, 4), (2049, 256, 128, 64, 6)],
 )
-def test_prefill_experts_match_the_reference(t, h, i, e, k):
+def test_prefill_experts_match_the_reference(t, h, i, e, k, skew):
+    """Balanced routing takes the padded batched GEMM, skewed routing the grouped one."""
     seed = int(np.random.SeedSequence().entropy) % 2**63
     print(f"seed {seed}")
     rng = np.random.default_rng(seed)
@@ -33,7 +35,7 @@ def test_prefill_experts_match_the_reference(t, h, i, e, k):
     x = round_bf16(rng.standard_normal((t, h)).astype(np.float32))
     gate_up = round_bf16((rng.standard_normal((e, 2 * i, h)) / np.sqrt(h)).astype(np.float32))
     down = round_bf16((rng.standard_normal((e, h, i)) / np.sqrt(i)).astype(np.float32))
-    pop = 1.0 / np.arange(1, e + 1) ** 1.5  # skewed: some experts get many rows, some none
+    pop = 1.0 / np.arange(1, e + 1) ** skew  # skewed: some experts get many rows, some none
     ids = np.stack([rng.choice(e, k, replace=False, p=pop / pop.sum()) for _ in range(t)])
     w = rng.random((t, k)).astype(np.float32)
     w /= w.sum(-1, keepdims=True)
