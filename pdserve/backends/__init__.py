@@ -21,11 +21,19 @@ def gpu_unavailable_reason() -> str | None:
     return None if count > 0 else "no CUDA GPU is visible"
 
 
-def get_ops(name: str = "auto") -> Ops:
-    """The ops of backend `name`. `auto` is numpy for now: the cupy backend is chosen explicitly
-    until nodes move KV between GPU pools (CUDA IPC) and quantized weights run on it."""
+def resolve_backend(name: str = "auto", tensor_parallel_size: int = 1) -> str:
+    """The backend `name` stands for: `auto` is cupy when a GPU is visible and the node has one
+    rank (the cupy backend has no all-reduce between GPUs yet), numpy otherwise."""
     if name not in BACKENDS:
         raise ValueError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    return "cupy" if tensor_parallel_size == 1 and gpu_unavailable_reason() is None else "numpy"
+
+
+def get_ops(name: str = "auto", tensor_parallel_size: int = 1) -> Ops:
+    """The ops of backend `name` (see `resolve_backend` for `auto`)."""
+    name = resolve_backend(name, tensor_parallel_size)
     if name == "cupy":
         reason = gpu_unavailable_reason()
         if reason is not None:

@@ -16,7 +16,7 @@ from pdserve.engine_config import EngineConfig
 from pdserve.kvtransfer.receiver import kv_endpoint
 from pdserve.node.engine_client import RemotePrefill, RemoteResult, ZmqEngineClient
 from pdserve.node.grpc_service import MAX_GRPC_MESSAGE_BYTES
-from pdserve.node.proto_convert import params_to_proto
+from pdserve.node.proto_convert import cuda_ipc_to_proto, params_to_proto
 from pdserve.openai.engine_protocol import TokenDelta
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -39,11 +39,14 @@ class PrefillClient:
         host = config.advertise_host or config.internal_host
         ready = engine.ready
         names = ready.kv_shm_names or [ready.kv_shm_name]
-        # rank r's KV agent listens on cache-queue-port + r, its pool is its own segment
+        gpu_pools = ready.kv_cuda_ipc
+        # rank r's KV agent listens on cache-queue-port + r, its pool is its own segment (NumPy)
+        # or allocation (GPU)
         self.destinations = [
             dict(rank=r, zmq_endpoint=kv_endpoint(host, config.cache_queue_port, r),
                  shm_name=names[r] if r < len(names) else "", host_id=ready.host_id,
-                 pool_blocks=ready.num_blocks)
+                 pool_blocks=ready.num_blocks,
+                 **cuda_ipc_to_proto(gpu_pools[r] if r < len(gpu_pools) else None))
             for r in range(config.tensor_parallel_size)
         ]  # fmt: skip
         self.stubs: dict[str, pb_grpc.NodeStub] = {}

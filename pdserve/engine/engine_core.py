@@ -12,6 +12,7 @@ import numpy as np
 from pdserve.backends import get_ops
 from pdserve.backends.base import Ops
 from pdserve.config import ModelConfig
+from pdserve.engine import memory_sizing
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.model_runner import ModelRunner, SeqChunk
 from pdserve.engine.request import Request, RequestStatus
@@ -182,7 +183,8 @@ class EngineCore:
 
 def kv_sizing(config: EngineConfig) -> tuple[Path, ModelConfig, int, int]:
     """The model's path and config, and the device and host KV blocks of every rank: what
-    rank 0 decides before its workers start. ValueError naming the flag on a bad value."""
+    rank 0 decides before its workers start (a GPU pool is resized from memory once the model
+    is loaded: memory_sizing). ValueError naming the flag on a bad value."""
     path = resolve_model_path(config.model)
     c = ModelConfig.from_hf(path)
     if config.max_model_len > c.max_position_embeddings:
@@ -205,7 +207,7 @@ def build_engine_core(
     """Load the model of a node's EngineConfig (rank tp.rank's shard) and size its KV pool;
     `kv_pool(shape)` may provide the pool's memory (shared memory on a decode node);
     `workers` are ranks 1.. of a tensor-parallel node (engine/workers.py)."""
-    ops = get_ops(config.backend)
+    ops = get_ops(config.backend, config.tensor_parallel_size)
     if config.tensor_parallel_size > 1 and ops.name != "numpy":
         raise ValueError(
             f"--tensor-parallel-size {config.tensor_parallel_size}: the {ops.name} backend "
@@ -213,7 +215,10 @@ def build_engine_core(
         )
     quant = None if config.quantization in (None, "none") else config.quantization
     path, c, num_blocks, num_host_blocks = kv_sizing(config)
+    before_load = memory_sizing.snapshot(ops)  # None on the NumPy backend
     model = load_model(path, ops, progress=False, quantization=quant, tp=tp)
+    if before_load is not None:  # a GPU pool is sized from the memory the model leaves
+        num_blocks = memory_sizing.gpu_kv_blocks(config, model, ops, before_load)
     sched = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.batched_tokens,

@@ -92,8 +92,9 @@ class EngineProcess:
                                  kv_shm_name=self.role.kv_shm_name,
                                  kv_shm_names=self.role.kv_shm_names(
                                      self.config.tensor_parallel_size),
-                                 host_id=host_id(),
-                                 kv_dtype=c.runner.kv_cache.dtype.name))  # fmt: skip
+                                 kv_cuda_ipc=self.role.kv_cuda_ipc, host_id=host_id(),
+                                 kv_dtype=c.runner.kv_cache.dtype.name,
+                                 backend=c.runner.ops.name))  # fmt: skip
         last_stats = 0.0
         while True:
             busy = self.core.scheduler.has_compute

@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from pdserve.kvtransfer.schema import CudaIpcPool
 from pdserve.wire import Codec, WireMessage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: CUDA IPC pools (KVPushSpec.cuda_ipc, EngineReady.kv_cuda_ipc)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of msgpack ints
 
 
@@ -33,6 +34,8 @@ class KVPushSpec(_Msg):
     shm_names: list[str] = Field(default_factory=list)  # per rank: its pool in POSIX shared
     # memory, when it shares our host
     pool_blocks: int = 0  # blocks in that pool (it may differ from ours)
+    cuda_ipc: list[CudaIpcPool] = Field(default_factory=list)  # per rank: its pool on its GPU,
+    # when it shares our host
     host_id: str = ""
     block_ids: list[int]  # destination blocks, one per prompt block from first_block on
     first_block: int  # prompt blocks before this one the decode node has cached
@@ -117,8 +120,10 @@ class EngineReady(_Msg):
     max_model_len: int
     kv_shm_name: str = ""  # decode role: the KV pool's shared-memory name
     kv_shm_names: list[str] = Field(default_factory=list)  # decode role: per TP rank
+    kv_cuda_ipc: list[CudaIpcPool] = Field(default_factory=list)  # decode role, GPU: per rank
     host_id: str = ""
     kv_dtype: str = "float32"
+    backend: str = ""  # the compute backend --backend resolved to
 
 
 class RemoteKVReady(_Msg):

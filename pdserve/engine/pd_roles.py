@@ -1,8 +1,9 @@
 """What the engine process does differently as a prefill or decode node (DESIGN.md section 2).
 
 `MixedRole` does nothing extra. `PrefillRole` pushes prompts' KV to decode nodes and answers with
-the first token once the decode node acknowledged every byte. `DecodeRole` holds a KV pool in
-shared memory and a KV receiver, admits requests whose prompt KV comes from afar, and starts them
+the first token once the decode node acknowledged every byte. `DecodeRole` holds a KV pool that
+in-host prefill nodes can write (in shared memory on the NumPy backend, shared through CUDA IPC
+on a GPU) and a KV receiver, admits requests whose prompt KV comes from afar, and starts them
 from the prefill node's first token (or recomputes their prompt when the transfer failed).
 """
 
@@ -15,13 +16,16 @@ from typing import Any
 import numpy as np
 import zmq
 
+from pdserve.backends import resolve_backend
 from pdserve.engine import messages as m
 from pdserve.engine.disagg import DecodeHandoff, PrefillHandoff
 from pdserve.engine.engine_core import EngineCore, RequestOutput
 from pdserve.engine.rank_kv import RankedReceiver, RankedSender
 from pdserve.engine.request import Request
 from pdserve.engine_config import EngineConfig
+from pdserve.kvtransfer.device_copy import is_device_array
 from pdserve.kvtransfer.receiver import KVReceiver
+from pdserve.kvtransfer.schema import CudaIpcPool
 from pdserve.kvtransfer.sender import Destination, KVSender
 from pdserve.kvtransfer.shm_pool import SharedKVPool, pool_name
 
@@ -30,6 +34,7 @@ logger = logging.getLogger("pdserve.engine")
 
 class MixedRole:
     kv_shm_name = ""
+    kv_cuda_ipc: list[CudaIpcPool] = []  # decode role on a GPU: its pool, per rank
 
     def kv_shm_names(self, size: int) -> list[str]:
         """Shared-memory names of the KV pools of ranks 0..size-1 ([] when not shared)."""
@@ -77,7 +82,7 @@ class PrefillRole(MixedRole):
     ) -> None:
         self.core = core
         # a decode node that vanished must not stall this engine for long
-        local = KVSender(ctx, send_timeout_s=1.0)
+        local = KVSender(ctx, send_timeout_s=1.0, device=is_device_array(core.runner.kv_cache))
         send = workers.send if workers is not None else None
         self.sender = RankedSender(local, self.config.tensor_parallel_size, send)
         self.pusher = PrefillHandoff(core, self.sender, ack_timeout_s=self.config.pd_timeout)
@@ -94,11 +99,15 @@ class PrefillRole(MixedRole):
         kv = self.core.runner.kv_cache
         # the destination pools: our layout (per rank) with their own number of blocks
         shape = (kv.shape[0], 2, push.pool_blocks, *kv.shape[3:])
-        shm_names = push.shm_names or [""] * len(push.zmq_endpoints)
+        n = len(push.zmq_endpoints)
+        shm_names, gpu_pools = push.shm_names or [""] * n, push.cuda_ipc or [None] * n
+        # in-host when the decode pool is reachable; the sender picks shared memory or CUDA
+        # IPC by where our own pool is (and falls back to ZeroMQ, saying so, when it cannot)
         dests = [
             Destination(endpoint, push.block_ids, shm or None, shape, kv.dtype.name,
-                        push.checksum, use_ipc=bool(shm) and push.pool_blocks > 0)
-            for endpoint, shm in zip(push.zmq_endpoints, shm_names)
+                        push.checksum, (bool(shm) or gpu is not None) and push.pool_blocks > 0,
+                        gpu)
+            for endpoint, shm, gpu in zip(push.zmq_endpoints, shm_names, gpu_pools)
         ]  # fmt: skip
         self.core.add_request(req)
         try:
@@ -129,14 +138,21 @@ class DecodeRole(MixedRole):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         prefix = os.environ.get("INFERENCE_MSG_QUEUE_ID", str(config.engine_worker_queue_port))
-        self.kv_shm_name = pool_name(prefix, config.cache_queue_port)
+        # a GPU pool is the backend's own allocation (shared through CUDA IPC once it exists)
+        self.in_shm = resolve_backend(config.backend, config.tensor_parallel_size) == "numpy"
+        self.kv_shm_name = pool_name(prefix, config.cache_queue_port) if self.in_shm else ""
+        self.kv_cuda_ipc = []
         self._prefix = prefix
         self.pool: SharedKVPool | None = None
 
     def kv_shm_names(self, size: int) -> list[str]:
+        if not self.in_shm:
+            return []
         return [pool_name(self._prefix, self.config.cache_queue_port + r) for r in range(size)]
 
-    def kv_pool(self, shape: tuple[int, ...]) -> np.ndarray:
+    def kv_pool(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        if not self.in_shm:
+            return None
         # the pool lives in shared memory so in-host prefill nodes copy straight into it
         self.pool = SharedKVPool.create(self.kv_shm_name, shape, np.float32)
         return self.pool.array
@@ -145,9 +161,17 @@ class DecodeRole(MixedRole):
         self, core: EngineCore, ctx: zmq.Context, poller: zmq.Poller, workers: Any = None
     ) -> None:
         self.core = core
+        kv = core.runner.kv_cache
+        name = self.kv_shm_name  # what in-host senders name the pool in their KVLayerIPC frames
+        if is_device_array(kv):
+            from pdserve.kvtransfer.cuda_ipc import export_pool, ipc_pool_name
+
+            self.kv_cuda_ipc = [export_pool(kv)]
+            name = ipc_pool_name(self.kv_cuda_ipc[0].handle)
+            logger.info("KV pool shared through CUDA IPC (%d bytes)", kv.nbytes)
         bind = f"tcp://{self.config.internal_host}:{self.config.cache_queue_port}"
         try:
-            local = KVReceiver(ctx, bind, core.runner.kv_cache, shm_name=self.kv_shm_name)
+            local = KVReceiver(ctx, bind, kv, shm_name=name or None)
         except zmq.ZMQError as e:
             raise ValueError(f"--cache-queue-port {self.config.cache_queue_port}: {e}") from None
         send = workers.send if workers is not None else None

@@ -81,7 +81,8 @@ class RankedSender:
             self._to(rank, w.KVStart(
                 transfer_id=tid, zmq_endpoint=d.zmq_endpoint, block_ids=d.block_ids,
                 shm_name=d.shm_name or "", shm_shape=list(d.shm_shape or ()), shm_dtype=d.shm_dtype,
-                checksum=d.checksum, use_ipc=d.use_ipc, timeout_s=float(timeout_s),
+                checksum=d.checksum, use_ipc=d.use_ipc, cuda_ipc=d.cuda_ipc,
+                timeout_s=float(timeout_s),
             ))  # fmt: skip
         self._pending[tid] = _Pending(set(range(self.size)))
         return transport
@@ -182,7 +183,7 @@ class RankKV:
         if isinstance(msg, w.KVStart) and self.sender is not None:
             dest = Destination(msg.zmq_endpoint, msg.block_ids, msg.shm_name or None,
                                tuple(msg.shm_shape) or None, msg.shm_dtype, msg.checksum,
-                               msg.use_ipc)  # fmt: skip
+                               msg.use_ipc, msg.cuda_ipc)  # fmt: skip
             try:
                 self.sender.start(msg.transfer_id, dest, timeout_s=msg.timeout_s)
                 self.sent[msg.transfer_id] = 0

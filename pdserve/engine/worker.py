@@ -27,6 +27,7 @@ from pdserve.engine.rank_kv import RankKV
 from pdserve.engine.tp_group import TPError, ZmqGroup
 from pdserve.engine.workers import TOKEN_ENV, WorkerPlan, identity
 from pdserve.engine_config import EngineConfig
+from pdserve.kvtransfer.device_copy import is_device_array
 from pdserve.kvtransfer.receiver import KVReceiver, kv_endpoint
 from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.shm_pool import SharedKVPool
@@ -61,7 +62,7 @@ class Worker:
 
     def _build(self, config: EngineConfig, plan: WorkerPlan) -> None:
         self.tp = ZmqGroup(self.rank, plan.size, plan.tp_address, alive=self._parent_alive)
-        ops = get_ops(config.backend)
+        ops = get_ops(config.backend, config.tensor_parallel_size)
         quant = None if config.quantization in (None, "none") else config.quantization
         path = resolve_model_path(config.model)
         model = load_model(path, ops, progress=False, quantization=quant, tp=self.tp)
@@ -74,7 +75,8 @@ class Worker:
                                   plan.num_host_blocks, pool)  # fmt: skip
         sender = receiver = None
         if config.splitwise_role == "prefill":
-            sender = KVSender(self.ctx, send_timeout_s=1.0)
+            sender = KVSender(self.ctx, send_timeout_s=1.0,
+                              device=is_device_array(self.runner.kv_cache))  # fmt: skip
         elif config.splitwise_role == "decode":
             port = config.cache_queue_port + self.rank
             bind = kv_endpoint(config.internal_host, config.cache_queue_port, self.rank)

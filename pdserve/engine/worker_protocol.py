@@ -13,9 +13,10 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from pdserve.engine.messages import MAX_MESSAGE_BYTES, MessageError
+from pdserve.kvtransfer.schema import CudaIpcPool
 from pdserve.wire import Codec, WireMessage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: KVStart.cuda_ipc
 NonNeg = Annotated[int, Field(ge=0)]
 
 
@@ -79,6 +80,7 @@ class KVStart(WireMessage):
     shm_dtype: str = "float32"
     checksum: bool = False
     use_ipc: bool = False
+    cuda_ipc: CudaIpcPool | None = None  # the decode rank's GPU pool, when in this host
     timeout_s: float
 
 

@@ -16,11 +16,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from pdserve.kvtransfer.device_copy import scatter_blocks
 from pdserve.kvtransfer.schema import (
     KVAck,
     KVDone,
@@ -69,17 +71,20 @@ class KVReceiver:
     Binds a ROUTER on `bind_addr` (e.g. `kv_endpoint(host, cache_queue_port, rank)`, or
     `tcp://127.0.0.1:*` for a free port; `.endpoint` is the bound address). ZeroMQ drops the
     connection of a peer that sends a frame over `max_frame_bytes` (bytes); that shows as
-    `peers_disconnected`, and its transfer fails at KVDone or its timeout. When `kv_cache` is
-    a `SharedKVPool`'s array, `shm_name` is its name: only then are KVLayerIPC frames accepted
-    (a frame naming another pool would mark blocks landed that nobody wrote). Queued input is
-    bounded by `rcvhwm` messages of at most `max_frame_bytes` per connected sender.
+    `peers_disconnected`, and its transfer fails at KVDone or its timeout. When in-host
+    senders can write `kv_cache` (a `SharedKVPool`'s array, or a GPU pool shared through CUDA
+    IPC), `shm_name` is the name they know it by (the segment's name, or
+    `cuda_ipc.ipc_pool_name`): only then are KVLayerIPC frames accepted (a frame naming another
+    pool would mark blocks landed that nobody wrote). A GPU pool takes ZeroMQ payloads through
+    host-to-device copies on the current stream. Queued input is bounded by `rcvhwm` messages
+    of at most `max_frame_bytes` per connected sender.
     """
 
     def __init__(
         self,
         ctx: zmq.Context,
         bind_addr: str,
-        kv_cache: np.ndarray,
+        kv_cache: Any,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         shm_name: str | None = None,
         rcvhwm: int = 256,
@@ -207,10 +212,9 @@ class KVReceiver:
         if err:
             self.frames_rejected += 1
             return self._fail(ident, tid, err, results)
-        view = self.kv[h.layer]  # [2, blocks, block_size, kv_heads, head_dim]
-        ids = np.asarray(h.block_ids, dtype=np.int64)
-        if payload is not None:
-            view[:, ids] = np.frombuffer(payload.buffer, dtype=self.kv.dtype).reshape(h.shape)
+        if payload is not None:  # into [2, blocks, block_size, kv_heads, head_dim]
+            data = np.frombuffer(payload.buffer, dtype=self.kv.dtype).reshape(h.shape)
+            scatter_blocks(self.kv[h.layer], h.block_ids, data)
         exp.landed[h.layer, [exp.index[b] for b in h.block_ids]] = True
         nbytes = len(h.block_ids) * self._block_bytes
         exp.bytes += nbytes

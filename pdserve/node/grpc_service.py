@@ -13,7 +13,12 @@ from pdserve.engine import messages as m
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine_config import EngineConfig
 from pdserve.node.engine_client import RemotePrefill, ZmqEngineClient
-from pdserve.node.proto_convert import delta_to_chunk, load_info, params_from_proto
+from pdserve.node.proto_convert import (
+    cuda_ipc_from_proto,
+    delta_to_chunk,
+    load_info,
+    params_from_proto,
+)
 from pdserve.openai.engine_protocol import (
     EngineDeadError,
     PrefillFailed,
@@ -109,13 +114,21 @@ class NodeService(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"KV layout mismatch: block size {request.block_size} / "
                                 f"{request.kv_dtype}, this node has {self.info.block_size} / "
-                                f"{self.info.kv_dtype}")  # fmt: skip
-        use_ipc = all(d.shm_name and d.host_id == self.info.host_id for d in dests) and (
-            "ipc" in self.config.cache_transfer_protocol.split(",")
+                                f"{self.info.kv_dtype} (--block-size and --backend must "
+                                "agree)")  # fmt: skip
+        try:
+            gpu_pools = [cuda_ipc_from_proto(d) for d in dests]
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV destination: {e}")
+        # in-host: shared memory (NumPy pools) or CUDA IPC (GPU pools), where the host matches
+        use_ipc = "ipc" in self.config.cache_transfer_protocol.split(",") and all(
+            (d.shm_name or gpu is not None) and d.host_id == self.info.host_id
+            for d, gpu in zip(dests, gpu_pools)
         )
         push = m.KVPushSpec(
             transfer_id=request.transfer_id, zmq_endpoints=[d.zmq_endpoint for d in dests],
             shm_names=[d.shm_name for d in dests] if use_ipc else [],
+            cuda_ipc=gpu_pools if use_ipc and None not in gpu_pools else [],
             pool_blocks=dests[0].pool_blocks, host_id=dests[0].host_id,
             block_ids=list(dests[0].block_ids), first_block=request.first_block,
             checksum=request.checksum,

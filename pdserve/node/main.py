@@ -76,7 +76,7 @@ def node_info(config: EngineConfig, engine: ZmqEngineClient, tokenizer_fp: str) 
         http_port=config.port, pd_comm_port=config.pd_comm_port,
         engine_worker_queue_port=config.engine_worker_queue_port,
         cache_queue_port=config.cache_queue_port, tp_size=config.tensor_parallel_size,
-        backend=config.backend, block_size=engine.ready.block_size,
+        backend=engine.ready.backend or config.backend, block_size=engine.ready.block_size,
         kv_dtype=engine.ready.kv_dtype,
         # nodes must compute the same KV: the weights and how they are quantized
         model_fingerprint=f"{model_fingerprint(model_dir)}/{config.quantization or 'none'}",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from pdserve.engine.messages import EngineStats
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kvtransfer.schema import CudaIpcPool
 from pdserve.openai.engine_protocol import TokenDelta
 from pdserve.proto import pdserve_pb2 as pb
 
@@ -13,6 +16,26 @@ def load_info(s: EngineStats) -> pb.LoadInfo:
     return pb.LoadInfo(num_running=s.num_running, num_waiting=s.num_waiting,
                        free_blocks=s.num_free_blocks, total_blocks=s.num_blocks,
                        queued_prefill_tokens=s.queued_prefill_tokens)  # fmt: skip
+
+
+def cuda_ipc_from_proto(dest: pb.KVDestination) -> CudaIpcPool | None:
+    """The GPU pool a KV destination names (None when it names none); ValueError saying what
+    is wrong with a malformed one."""
+    if not dest.cuda_ipc_handle:
+        return None
+    try:
+        return CudaIpcPool(handle=dest.cuda_ipc_handle, offset=dest.cuda_ipc_offset,
+                           nbytes=dest.cuda_ipc_nbytes)  # fmt: skip
+    except ValidationError as e:
+        raise ValueError(f"rank {dest.rank}'s cuda_ipc_handle: {e.errors()[0]['msg']}") from None
+
+
+def cuda_ipc_to_proto(pool: CudaIpcPool | None) -> dict:
+    """KVDestination's cuda_ipc_* fields for `pool` (none when None)."""
+    if pool is None:
+        return {}
+    return dict(cuda_ipc_handle=pool.handle, cuda_ipc_offset=pool.offset,
+                cuda_ipc_nbytes=pool.nbytes)  # fmt: skip
 
 
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:

@@ -86,20 +86,26 @@ class TokenChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., pd_fallback: bool = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("rank", "zmq_endpoint", "shm_name", "host_id", "block_ids", "pool_blocks")
+    __slots__ = ("rank", "zmq_endpoint", "shm_name", "host_id", "block_ids", "pool_blocks", "cuda_ipc_handle", "cuda_ipc_offset", "cuda_ipc_nbytes")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ZMQ_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     POOL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_NBYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     zmq_endpoint: str
     shm_name: str
     host_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     pool_blocks: int
-    def __init__(self, rank: _Optional[int] = ..., zmq_endpoint: _Optional[str] = ..., shm_name: _Optional[str] = ..., host_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., pool_blocks: _Optional[int] = ...) -> None: ...
+    cuda_ipc_handle: bytes
+    cuda_ipc_offset: int
+    cuda_ipc_nbytes: int
+    def __init__(self, rank: _Optional[int] = ..., zmq_endpoint: _Optional[str] = ..., shm_name: _Optional[str] = ..., host_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., pool_blocks: _Optional[int] = ..., cuda_ipc_handle: _Optional[bytes] = ..., cuda_ipc_offset: _Optional[int] = ..., cuda_ipc_nbytes: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "transfer_id", "prompt_token_ids", "params", "eos_token_ids", "first_block", "destinations", "kv_dtype", "block_size", "checksum")

@@ -54,7 +54,9 @@ def assert_bf16_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-2) -> N
 
 def test_get_ops_picks_cupy_only_when_asked():
     assert get_ops("cupy").name == "cupy"
-    assert get_ops("auto").name == "numpy"  # until GPU nodes move KV through CUDA IPC
+    assert get_ops("auto").name == "cupy"  # a GPU is visible (the module skips otherwise)
+    assert get_ops("auto", tensor_parallel_size=2).name == "numpy"  # no all-reduce on GPUs yet
+    assert get_ops("numpy").name == "numpy"
 
 
 def test_embedding_gathers_rows(ops, rng):
