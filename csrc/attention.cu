@@ -1,183 +1,310 @@
-// Causal GQA attention over the paged KV cache, flash-style (online softmax, the score matrix
-// never reaches device memory), for prefill chunks and decode tokens alike.
+// Decode attention over the paged KV cache, on tensor cores: every sequence handled here has one
+// new token, which sees all of its seq_len keys. Prefill chunks (two or more new tokens) are
+// attention_prefill.cu's.
 //
-// A block owns one query tile of one sequence (up to bq consecutive tokens), one KV head and
-// every query head of its group, and one split of the keys. Token j of a chunk of q_len tokens
-// sits at position seq_len - q_len + j and sees keys 0..that position; a tile's earlier tokens
-// see fewer keys than its last one, which the mask handles. With more than one split (long
-// contexts, few blocks), each block writes unnormalised partial results that
-// attention_combine merges.
+// One block per (sequence, KV head, key split) computes up to 8 query heads of the KV head's GQA
+// group at once (larger groups take several blocks), so each K/V row is read from memory once.
+// The number of splits is the grid's z size, chosen by the host from shapes only; the key range
+// of each split comes from the sequence's length on the device, so a batch captured in a CUDA
+// graph spreads any length over all of its splits. A split with no keys writes a neutral partial
+// (m = -inf, l = 0) that decode_combine ignores.
 //
-// Version 1 computes on CUDA cores with float32 shared-memory tiles; the tensor-core version
-// replaces the two inner products.
+// The products are transposed so that keys, not the few query heads, fill the 16 rows of
+// mma.m16n8k16: S^T [16 keys x 8 heads] = K Q^T, then O^T [D x 8 heads] += V^T P^T, with P^T
+// moved from the accumulator layout into B fragments by movmatrix.trans. The block's 4 warps
+// take turns over 16-key tiles of the split; each warp streams its tiles through a private
+// 3-stage cp.async ring (16-byte copies, rows XOR-swizzled for ldmatrix) and runs its own online
+// softmax, with no block barrier until the warps merge at the end. Scores are kept in log2
+// units, so every exponential is one ex2.
 #include "common.cuh"
 
-#define ATT_THREADS 128
-#define ATT_BK 16            // keys per tile
-#define ATT_MAX_PER_THREAD 32  // output accumulators per thread: rows * D <= 4096
+#define DEC_WARPS 4
+#define DEC_KT 16      // keys per warp tile
+#define DEC_STAGES 3   // per-warp cp.async ring depth
+#define DEC_GRANULE 16 // split boundaries fall on multiples of this many keys
+#define DEC_MAX_SPLITS 128
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention(
-    const bf16_t* __restrict__ q,           // [T, heads, D]
-    const bf16_t* __restrict__ kv,          // one layer [2, blocks, block_size, kv_heads, D]
-    const int* __restrict__ query_start,    // [S + 1]
-    const int* __restrict__ seq_lens,       // [S]
-    const int* __restrict__ block_tables,   // [S, max_blocks]
-    bf16_t* __restrict__ out,               // [T, heads, D] (one split)
-    float* __restrict__ part_o,             // [splits, T, heads, D] (several splits)
-    float* __restrict__ part_ml,            // [splits, T, heads, 2]: running max, sum
-    int num_seqs, int num_tokens, int heads, int kv_heads, int D, int block_size,
-    int max_blocks, long long kv_half, int bq, int split_keys, float scale) {
-  extern __shared__ float smem[];
-  const int tid = threadIdx.x;
-  const int group = heads / kv_heads, rows_alloc = bq * group;
-  float* qs = smem;                          // [rows_alloc][D], pre-scaled
-  float* ks = qs + rows_alloc * D;           // [BK][D + 1] (padded: threads walk keys)
-  float* vs = ks + ATT_BK * (D + 1);         // [BK][D]
-  float* ss = vs + ATT_BK * D;               // [rows_alloc][BK] scores, then probabilities
-  float* row_m = ss + rows_alloc * ATT_BK;   // running max per row
-  float* row_l = row_m + rows_alloc;         // running sum per row
-  float* row_a = row_l + rows_alloc;         // this tile's rescale factor per row
+struct alignas(16) f32x4 {
+  float x, y, z, w;
+};
 
-  // which sequence and query tile this block owns
-  int s = -1, tile = 0;
-  for (int i = 0, seen = 0; i < num_seqs; ++i) {
-    const int n = (query_start[i + 1] - query_start[i] + bq - 1) / bq;
-    if ((int)blockIdx.x < seen + n) {
-      s = i;
-      tile = blockIdx.x - seen;
-      break;
+__device__ __forceinline__ u32 shared_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+// 16 bytes global -> shared, bypassing L1; bytes = 0 stores zeros and reads nothing
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 addr, bool trans) {
+  if (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// c[4] += a[4] (16x16, row) * b (16x8, col)
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {  // lo in the low half
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ u32 transpose8x8(u32 x) {  // the warp's 8x8 bf16 fragment, transposed
+  u32 y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
+template <int DP>  // head dim padded to a multiple of 16; pieces past D load as zeros
+__device__ __forceinline__ void decode_attention(
+    const bf16_t* __restrict__ q,          // [T, heads, D]
+    const bf16_t* __restrict__ kv,         // one layer [2, blocks, block_size, kv_heads, D]
+    const int* __restrict__ query_start,   // [S + 1]
+    const int* __restrict__ seq_lens,      // [S]
+    const int* __restrict__ block_tables,  // [S, max_blocks]
+    bf16_t* __restrict__ out,              // [T, heads, D], written when gridDim.z == 1
+    float* __restrict__ part_o,            // [splits, S, heads, D], relative to part m
+    float* __restrict__ part_ml,           // [splits, S, heads, 2]: max (log2 units), sum
+    int heads, int kv_heads, int D, int block_size, int max_blocks, long long kv_half,
+    float scale_log2) {
+  constexpr int CH = DP / 8, SWZ = CH < 8 ? CH - 1 : 7, RB = DP * 2, KS = DP / 16;
+  constexpr int TILE = DEC_KT * RB;  // bytes of one K (or V) tile
+  extern __shared__ u32x4 smem_v4[];
+  unsigned char* smem = (unsigned char*)smem_v4;
+  const int s = blockIdx.x, num_seqs = gridDim.x, z = blockIdx.z, splits = gridDim.z;
+  const int tok = query_start[s];
+  if (query_start[s + 1] - tok != 1) return;  // not a decode row (uniform over the block)
+  const int group = heads / kv_heads, chunks = (group + 7) / 8;
+  const int kvh = blockIdx.y / chunks, h0 = (blockIdx.y - kvh * chunks) * 8;
+  const int nh = min(8, group - h0);
+  const int len = seq_lens[s];
+  const int per = ((len + splits - 1) / splits + DEC_GRANULE - 1) / DEC_GRANULE * DEC_GRANULE;
+  const int k_begin = z * per, k_end = min(len, k_begin + per);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tg = lane & 3;
+
+  // Q^T as B fragments: b0 = q[head g][16 ks + 2 tg, +1], b1 the same 8 dims further
+  u32 qb[KS][2];
+  const bf16_t* qrow = q + ((long long)tok * heads + kvh * group + h0 + g) * D;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int d = ks * 16 + j * 8 + 2 * tg;
+      qb[ks][j] = g < nh && d < D ? *(const u32*)(qrow + d) : 0u;
     }
-    seen += n;
   }
-  if (s < 0) return;  // grid sized by an upper bound
 
-  const int kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-  const int q0 = query_start[s], q_len = query_start[s + 1] - q0;
-  const int i0 = tile * bq, nq = min(bq, q_len - i0), rows = nq * group;
-  const int first_pos = seq_lens[s] - q_len + i0;
-  const int k_begin = split * split_keys;
-  const int k_end = min(first_pos + nq, k_begin + split_keys);
+  const int n_tiles = k_end > k_begin ? (k_end - k_begin + DEC_KT - 1) / DEC_KT : 0;
+  const int count = n_tiles > warp ? (n_tiles - warp + DEC_WARPS - 1) / DEC_WARPS : 0;
   const int* table = block_tables + (long long)s * max_blocks;
-
-  // row r is query token i0 + r / group, head kvh * group + r % group
-  for (int i = tid; i < rows * D; i += ATT_THREADS) {
-    const int r = i / D, d = i - r * D;
-    const long long tok = q0 + i0 + r / group;
-    qs[i] = bf2f(q[(tok * heads + kvh * group + r % group) * D + d]) * scale;
-  }
-  for (int r = tid; r < rows_alloc; r += ATT_THREADS) {
-    row_m[r] = NEG_INF;
-    row_l[r] = 0.0f;
-  }
-  float acc[ATT_MAX_PER_THREAD];
+  const u32 ring = shared_addr(smem) + warp * DEC_STAGES * 2 * TILE;  // [stage][K, V][tile]
+  auto swz = [](int row, int piece) { return row * RB + ((piece ^ (row & SWZ)) << 4); };
+  auto issue = [&](int i) {  // this warp's i-th tile into ring stage i % STAGES
+    const int key0 = k_begin + (warp + i * DEC_WARPS) * DEC_KT;
+    const bool one_block = block_size % DEC_KT == 0;  // key0 is a multiple of DEC_KT
+    const long long slot0 =
+        one_block ? (long long)table[key0 / block_size] * block_size + key0 % block_size : 0;
+    const u32 dst = ring + (i % DEC_STAGES) * 2 * TILE;
 #pragma unroll
-  for (int j = 0; j < ATT_MAX_PER_THREAD; ++j) acc[j] = 0.0f;
+    for (int e = lane; e < DEC_KT * CH; e += 32) {
+      const int row = e / CH, pc = e - row * CH, key = key0 + row;
+      const bool ok = key < k_end && pc * 8 < D;
+      const bf16_t* src = kv;
+      if (ok) {
+        const long long slot = one_block ? slot0 + row
+                                         : (long long)table[key / block_size] * block_size +
+                                               key % block_size;
+        src = kv + (slot * kv_heads + kvh) * D + pc * 8;
+      }
+      cp_async16(dst + swz(row, pc), src, ok ? 16 : 0);
+      cp_async16(dst + TILE + swz(row, pc), src + kv_half, ok ? 16 : 0);
+    }
+  };
+
+#pragma unroll
+  for (int i = 0; i < DEC_STAGES - 1; ++i) {
+    if (i < count) issue(i);
+    cp_async_commit();
+  }
+  // this thread's heads are 2 tg and 2 tg + 1; O^T rows (dims) 16 mt + g and + 8
+  float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+  float o[KS][4];
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.0f;
+  for (int i = 0; i < count; ++i) {
+    cp_async_wait<DEC_STAGES - 2>();
+    __syncwarp();  // every lane's copies of tile i have landed; tile i - 1 is consumed
+    if (i + DEC_STAGES - 1 < count) issue(i + DEC_STAGES - 1);
+    cp_async_commit();
+    const u32 kst = ring + (i % DEC_STAGES) * 2 * TILE, vst = kst + TILE;
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // S^T: keys g, g + 8 x heads 2 tg, 2 tg + 1
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      u32 a[4];
+      ldsm_x4(a, kst + swz(lane & 15, ks * 2 + (lane >> 4)), false);
+      mma16816(sc, a, qb[ks][0], qb[ks][1]);
+    }
+    const int key = k_begin + (warp + i * DEC_WARPS) * DEC_KT + g;
+    const float s0 = key < k_end ? sc[0] * scale_log2 : NEG_INF;
+    const float s1 = key < k_end ? sc[1] * scale_log2 : NEG_INF;
+    const float s2 = key + 8 < k_end ? sc[2] * scale_log2 : NEG_INF;
+    const float s3 = key + 8 < k_end ? sc[3] * scale_log2 : NEG_INF;
+    float mx0 = fmaxf(s0, s2), mx1 = fmaxf(s1, s3);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {  // over the 8 lanes of each head pair
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    mx0 = fmaxf(mx0, m0), mx1 = fmaxf(mx1, m1);  // finite: key 0 of the tile is in range
+    const float a0 = ex2(m0 - mx0), a1 = ex2(m1 - mx1);
+    const float p0 = ex2(s0 - mx0), p1 = ex2(s1 - mx1), p2 = ex2(s2 - mx0), p3 = ex2(s3 - mx1);
+    m0 = mx0, m1 = mx1;
+    l0 = l0 * a0 + p0 + p2, l1 = l1 * a1 + p1 + p3;
+    const u32 pb0 = transpose8x8(pack_bf16(p0, p1)), pb1 = transpose8x8(pack_bf16(p2, p3));
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) {
+      o[mt][0] *= a0, o[mt][1] *= a1, o[mt][2] *= a0, o[mt][3] *= a1;
+      u32 a[4];
+      ldsm_x4(a, vst + swz(((lane >> 4) << 3) + (lane & 7), mt * 2 + ((lane >> 3) & 1)), true);
+      mma16816(o[mt], a, pb0, pb1);
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  __syncthreads();  // the rings become the warps' merge area
+
+  float* so = (float*)smem;                  // [warps][8 heads][DP]
+  float* sml = so + DEC_WARPS * 8 * DP;      // [warps][8 heads][2]
+  float* mine = so + warp * 8 * DP;
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) {
+    mine[(2 * tg) * DP + mt * 16 + g] = o[mt][0];
+    mine[(2 * tg + 1) * DP + mt * 16 + g] = o[mt][1];
+    mine[(2 * tg) * DP + mt * 16 + g + 8] = o[mt][2];
+    mine[(2 * tg + 1) * DP + mt * 16 + g + 8] = o[mt][3];
+  }
+  if (g == 0) {
+    float* ml = sml + (warp * 8 + 2 * tg) * 2;
+    ml[0] = m0, ml[1] = l0, ml[2] = m1, ml[3] = l1;
+  }
   __syncthreads();
-
-  for (int k0 = k_begin; k0 < k_end; k0 += ATT_BK) {
-    for (int i = tid; i < ATT_BK * D; i += ATT_THREADS) {
-      const int c = i / D, d = i - c * D, key = k0 + c;
-      float kf = 0.0f, vf = 0.0f;
-      if (key < k_end) {
-        const long long blk = table[key / block_size];
-        const long long a = ((blk * block_size + key % block_size) * kv_heads + kvh) * D + d;
-        kf = bf2f(kv[a]);
-        vf = bf2f(kv[kv_half + a]);
-      }
-      ks[c * (D + 1) + d] = kf;
-      vs[c * D + d] = vf;
-    }
-    __syncthreads();
-    for (int i = tid; i < rows * ATT_BK; i += ATT_THREADS) {
-      const int r = i / ATT_BK, c = i - r * ATT_BK, key = k0 + c;
-      float sc = NEG_INF;
-      if (key < k_end && key <= first_pos + r / group) {
-        const float* qr = qs + r * D;
-        const float* kr = ks + c * (D + 1);
-        sc = 0.0f;
-        for (int d = 0; d < D; ++d) sc += qr[d] * kr[d];
-      }
-      ss[i] = sc;
-    }
-    __syncthreads();
-    for (int r = tid; r < rows; r += ATT_THREADS) {
-      float* sr = ss + r * ATT_BK;
-      float mt = NEG_INF;
-      for (int c = 0; c < ATT_BK; ++c) mt = fmaxf(mt, sr[c]);
-      const float m_old = row_m[r], m_new = fmaxf(m_old, mt);
-      float alpha = 1.0f, sum = 0.0f;
-      if (m_new == NEG_INF) {  // nothing visible yet
-        for (int c = 0; c < ATT_BK; ++c) sr[c] = 0.0f;
-      } else {
-        alpha = expf(m_old - m_new);
-        for (int c = 0; c < ATT_BK; ++c) {
-          const float p = expf(sr[c] - m_new);
-          sr[c] = p;
-          sum += p;
-        }
-      }
-      row_l[r] = row_l[r] * alpha + sum;
-      row_m[r] = m_new;
-      row_a[r] = alpha;
-    }
-    __syncthreads();
+  for (int i = tid; i < nh * D; i += DEC_WARPS * 32) {
+    const int h = i / D, d = i - h * D;
+    float M = NEG_INF;
 #pragma unroll
-    for (int j = 0; j < ATT_MAX_PER_THREAD; ++j) {
-      const int i = tid + j * ATT_THREADS;
-      if (i < rows * D) {
-        const int r = i / D, d = i - r * D;
-        const float* pr = ss + r * ATT_BK;
-        float a = acc[j] * row_a[r];
-        for (int c = 0; c < ATT_BK; ++c) a += pr[c] * vs[c * D + d];
-        acc[j] = a;
+    for (int w = 0; w < DEC_WARPS; ++w) M = fmaxf(M, sml[(w * 8 + h) * 2]);
+    float L = 0.0f, O = 0.0f;
+    if (M != NEG_INF) {
+#pragma unroll
+      for (int w = 0; w < DEC_WARPS; ++w) {
+        const float wt = ex2(sml[(w * 8 + h) * 2] - M);
+        L += sml[(w * 8 + h) * 2 + 1] * wt;
+        O += so[(w * 8 + h) * DP + d] * wt;
       }
     }
-    __syncthreads();
-  }
-
-#pragma unroll
-  for (int j = 0; j < ATT_MAX_PER_THREAD; ++j) {
-    const int i = tid + j * ATT_THREADS;
-    if (i < rows * D) {
-      const int r = i / D, d = i - r * D;
-      const long long tok = q0 + i0 + r / group;
-      const long long th = tok * heads + kvh * group + r % group;
-      const float l = row_l[r];
-      if (splits == 1) {
-        out[th * D + d] = f2bf(l > 0.0f ? acc[j] / l : 0.0f);
-      } else {
-        const long long p = (long long)split * num_tokens * heads + th;
-        part_o[p * D + d] = acc[j];
-        if (d == 0) {
-          part_ml[2 * p] = row_m[r];
-          part_ml[2 * p + 1] = l;
-        }
-      }
+    const int head = kvh * group + h0 + h;
+    if (splits == 1) {
+      out[((long long)tok * heads + head) * D + d] = f2bf(L > 0.0f ? O / L : 0.0f);
+    } else {
+      const long long p = ((long long)z * num_seqs + s) * heads + head;
+      part_o[p * D + d] = O;
+      if (d == 0) part_ml[2 * p] = M, part_ml[2 * p + 1] = L;
     }
   }
 }
 
-// out[t, h] = sum_z o_z e^(m_z - M) / sum_z l_z e^(m_z - M) over the splits z, M = max_z m_z.
-// One block per (token, head).
-extern "C" __global__ void attention_combine(const float* __restrict__ part_o,
-                                             const float* __restrict__ part_ml,
-                                             bf16_t* __restrict__ out, int num_rows, int D,
-                                             int splits) {
-  const long long th = blockIdx.x;  // token * heads + head; num_rows = T * heads
-  float M = NEG_INF;
-  for (int z = 0; z < splits; ++z) M = fmaxf(M, part_ml[2 * (z * (long long)num_rows + th)]);
-  float L = 0.0f;
-  for (int z = 0; z < splits; ++z) {
-    const long long p = z * (long long)num_rows + th;
-    if (part_ml[2 * p] != NEG_INF) L += part_ml[2 * p + 1] * expf(part_ml[2 * p] - M);
+#define DECODE_INSTANCE(DP)                                                                  \
+  extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) paged_decode_d##DP(           \
+      const bf16_t* q, const bf16_t* kv, const int* query_start, const int* seq_lens,        \
+      const int* block_tables, bf16_t* out, float* part_o, float* part_ml, int heads,        \
+      int kv_heads, int D, int block_size, int max_blocks, long long kv_half,                \
+      float scale_log2) {                                                                    \
+    decode_attention<DP>(q, kv, query_start, seq_lens, block_tables, out, part_o, part_ml,   \
+                         heads, kv_heads, D, block_size, max_blocks, kv_half, scale_log2);   \
   }
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float o = 0.0f;
-    for (int z = 0; z < splits; ++z) {
-      const long long p = z * (long long)num_rows + th;
-      const float m = part_ml[2 * p];
-      if (m != NEG_INF) o += part_o[p * D + d] * expf(m - M);
+DECODE_INSTANCE(16)
+DECODE_INSTANCE(32)
+DECODE_INSTANCE(64)
+DECODE_INSTANCE(128)
+// out[tok(s), h] = sum_z o_z 2^(m_z - M) / sum_z l_z 2^(m_z - M) over the splits z, M = max m_z,
+// for every decode row s. One block of 256 threads per (sequence, head): the splits' weights
+// first, then each thread sums 16-byte pieces of a slice of the splits.
+extern "C" __global__ void __launch_bounds__(256) decode_combine(
+    const float* __restrict__ part_o,      // [splits, S, heads, D]
+    const float* __restrict__ part_ml,     // [splits, S, heads, 2]
+    const int* __restrict__ query_start,   // [S + 1]
+    bf16_t* __restrict__ out,              // [T, heads, D]
+    int num_seqs, int heads, int D, int splits) {
+  __shared__ float w[DEC_MAX_SPLITS];
+  __shared__ float scratch[32];
+  __shared__ f32x4 red[256];
+  const int row = blockIdx.x, s = row / heads, h = row - s * heads, tid = threadIdx.x;
+  const int tok = query_start[s];
+  if (query_start[s + 1] - tok != 1) return;
+  const long long rows = (long long)num_seqs * heads;
+  float mz = NEG_INF;
+  for (int zi = tid; zi < splits; zi += 256) mz = fmaxf(mz, part_ml[2 * (zi * rows + row)]);
+  mz = warp_max(mz);
+  if ((tid & 31) == 0) scratch[tid >> 5] = mz;
+  __syncthreads();
+  float M = NEG_INF;
+  for (int i = 0; i < 8; ++i) M = fmaxf(M, scratch[i]);
+  float lz = 0.0f;
+  for (int zi = tid; zi < splits; zi += 256) {
+    const float m = part_ml[2 * (zi * rows + row)];
+    const float wz = m == NEG_INF ? 0.0f : ex2(m - M);
+    w[zi] = wz;
+    lz += wz * part_ml[2 * (zi * rows + row) + 1];
+  }
+  const float L = block_sum(lz, scratch);  // its barriers also publish w[]
+
+  const int dc = D >> 2, piece = tid % dc, zp = tid / dc, nzp = 256 / dc;
+  f32x4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (zp < nzp) {
+    for (int zi = zp; zi < splits; zi += nzp) {
+      const float wz = w[zi];
+      if (wz == 0.0f) continue;
+      const f32x4 v = ((const f32x4*)(part_o + (zi * rows + row) * D))[piece];
+      acc.x += v.x * wz, acc.y += v.y * wz, acc.z += v.z * wz, acc.w += v.w * wz;
     }
-    out[th * D + d] = f2bf(L > 0.0f ? o / L : 0.0f);
+  }
+  red[tid] = acc;
+  __syncthreads();
+  if (tid < dc) {
+    f32x4 t = red[tid];
+    for (int i = 1; i < nzp; ++i) {
+      const f32x4 v = red[i * dc + tid];
+      t.x += v.x, t.y += v.y, t.z += v.z, t.w += v.w;
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    bf16_t* dst = out + ((long long)tok * heads + h) * D + tid * 4;
+    dst[0] = f2bf(t.x * inv), dst[1] = f2bf(t.y * inv), dst[2] = f2bf(t.z * inv);
+    dst[3] = f2bf(t.w * inv);
   }
 }
