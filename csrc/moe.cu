@@ -1,63 +1,191 @@
-// Mixture of experts: routing, and the experts path for all selected experts in one launch
-// per GEMM (never one launch per expert).
+// Mixture of experts: routing, grouping, and the experts path for all selected experts in one
+// launch per GEMM (never one launch per expert).
 //
-// Small batches (decode) use GEMV-like kernels over (token, expert) pairs: a warp per output
-// row, 16-byte loads. Larger batches group the pairs by expert on the device (moe_align), run
-// a grouped GEMM on the tensor cores (mma.sync m16n8k16 bf16, float32 accumulation) whose
-// tiles each belong to one expert, and combine each token's K expert outputs with their
-// routing weights. Expert ids never leave the device.
+// Decode batches group the pairs by expert (moe_group) and stream each touched expert once
+// (gemv.cu's moe_gv_* kernels). Dims that are not multiples of 8 take GEMV-like kernels over
+// (token, expert) pairs: a warp per output row. Larger batches group the pairs by expert on
+// the device (moe_align), run a grouped GEMM on the tensor cores (mma.sync m16n8k16 bf16,
+// float32 accumulation) whose tiles each belong to one expert, and combine each token's K
+// expert outputs with their routing weights. Expert ids never leave the device.
 #include "common.cuh"
 
 // -- routing ------------------------------------------------------------------------------
 
-// p = softmax(router @ x[t]) in float32; the K experts with the largest p + bias (ties to the
-// lower id), weighted by their unbiased p over max(sum of those p, norm_min).
-// x: [T, H] bf16; router: [E, H] f32; bias: [E] f32; weights: [T, K] f32; ids: [T, K] int32.
-// One block per token; dynamic shared memory (H + 2E) floats.
-extern "C" __global__ void moe_route(const bf16_t* __restrict__ x,
-                                     const float* __restrict__ router,
-                                     const float* __restrict__ bias, float* __restrict__ weights,
-                                     int* __restrict__ ids, int H, int E, int K,
-                                     float norm_min) {
-  extern __shared__ float smem[];
-  float* xs = smem;        // [H]
-  float* p = xs + H;       // [E] logits, then probabilities
-  float* biased = p + E;   // [E]
-  const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) xs[i] = bf2f(x[(long long)t * H + i]);
+#define ROUTE_TOKENS 8  // tokens per block of moe_router_logits
+#define ROUTE_SPLIT 256  // hidden elements per warp: one 8-element chunk per lane
+
+// partial[s, t, e] = x[t, h] . router[e, h] over h in split s (ROUTE_SPLIT elements), float32;
+// moe_topk adds the splits. x: [T, H] bf16; router: [E, H] f32; partial: [S, T, E] f32.
+// Grid (ceil(E / 8), S = ceil(H / ROUTE_SPLIT), ceil(T / ROUTE_TOKENS)), 256 threads: warp w
+// owns expert 8 * blockIdx.x + w. Splitting H puts the 655 KB router read on E * S / 8 blocks
+// even at one token; a warp per whole router row left it waiting on memory (8 us).
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_logits(const bf16_t* __restrict__ x, const float* __restrict__ router,
+                      float* __restrict__ partial, int T, int H, int E) {
+  const int lane = threadIdx.x & 31, e = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (e >= E) return;
+  const int t0 = blockIdx.z * ROUTE_TOKENS, nt = min(ROUTE_TOKENS, T - t0);
+  const int h0 = blockIdx.y * ROUTE_SPLIT, h1 = min(H, h0 + ROUTE_SPLIT);
+  const float* r = router + (long long)e * H;
+  const bf16_t* xt = x + (long long)t0 * H;
+  float s[ROUTE_TOKENS];
+#pragma unroll
+  for (int i = 0; i < ROUTE_TOKENS; ++i) s[i] = 0.0f;
+  if ((H & 7) == 0) {  // 16-byte loads: 8 router floats, 8 x values
+    const int h = h0 + 8 * lane;
+    if (h < h1) {
+      const u32x4 r0 = *(const u32x4*)(r + h), r1 = *(const u32x4*)(r + h + 4);
+#pragma unroll
+      for (int i = 0; i < ROUTE_TOKENS; ++i) {
+        if (i >= nt) break;
+        const u32x4 v = *(const u32x4*)(xt + (long long)i * H + h);
+        s[i] = lo_bf(v.x) * __uint_as_float(r0.x) + hi_bf(v.x) * __uint_as_float(r0.y) +
+               lo_bf(v.y) * __uint_as_float(r0.z) + hi_bf(v.y) * __uint_as_float(r0.w) +
+               lo_bf(v.z) * __uint_as_float(r1.x) + hi_bf(v.z) * __uint_as_float(r1.y) +
+               lo_bf(v.w) * __uint_as_float(r1.z) + hi_bf(v.w) * __uint_as_float(r1.w);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < ROUTE_SPLIT / 32; ++c) {
+      const int h = h0 + lane + 32 * c;
+      if (h >= h1) break;
+      const float rv = r[h];
+#pragma unroll
+      for (int i = 0; i < ROUTE_TOKENS; ++i)
+        if (i < nt) s[i] += bf2f(xt[(long long)i * H + h]) * rv;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < ROUTE_TOKENS; ++i) {
+    if (i >= nt) break;
+    const float v = warp_sum(s[i]);
+    if (lane == 0) partial[((long long)blockIdx.y * T + t0 + i) * E + e] = v;
+  }
+}
+
+#define ROUTE_PER_LANE 4  // E <= 128
+
+// p = softmax(logits[t]), logits the sum of moe_router_logits' S splits in order; the K
+// experts with the largest p + bias (ties to the lower id), in that order, weighted by their
+// unbiased p over max(sum of those p, norm_min). partial: [S, T, E]; bias: [E]; weights:
+// [T, K] f32; ids: [T, K] int32. One warp per token (lane holds experts lane, lane + 32, ...),
+// 8 per block; K <= 32.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_topk(const float* __restrict__ partial, int S, const float* __restrict__ bias,
+             float* __restrict__ weights, int* __restrict__ ids, int T, int E, int K,
+             float norm_min) {
+  const int lane = threadIdx.x & 31, t = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (t >= T) return;
+  float p[ROUTE_PER_LANE], b[ROUTE_PER_LANE];
+  float mx = NEG_INF;
+#pragma unroll
+  for (int i = 0; i < ROUTE_PER_LANE; ++i) {
+    const int e = lane + 32 * i;
+    p[i] = NEG_INF;
+    if (e < E) {
+      p[i] = 0.0f;
+      for (int sp = 0; sp < S; ++sp) p[i] += partial[((long long)sp * T + t) * E + e];
+    }
+    mx = fmaxf(mx, p[i]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < ROUTE_PER_LANE; ++i) {
+    p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.0f;
+    sum += p[i];
+  }
+  sum = warp_sum(sum);
+#pragma unroll
+  for (int i = 0; i < ROUTE_PER_LANE; ++i) {
+    const int e = lane + 32 * i;
+    p[i] /= sum;
+    b[i] = e < E ? p[i] + bias[e] : NEG_INF;
+  }
+  float chosen = 0.0f, my_p = 0.0f;
+  int my_id = 0;
+  for (int k = 0; k < K; ++k) {
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER_LANE; ++i)  // ascending ids: strict > keeps the lower on ties
+      if (b[i] > bv) {
+        bv = b[i];
+        bi = lane + 32 * i;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    float pv = 0.0f;  // the owner lane's p of the winner, sent to all
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER_LANE; ++i)
+      if (lane + 32 * i == bi) {
+        pv = p[i];
+        b[i] = NEG_INF;
+      }
+    pv = __shfl_sync(0xffffffffu, pv, bi & 31);
+    chosen += pv;
+    if (lane == k) {
+      my_id = bi;
+      my_p = pv;
+    }
+  }
+  if (lane < K) {
+    ids[(long long)t * K + lane] = my_id;
+    weights[(long long)t * K + lane] = my_p / fmaxf(chosen, norm_min);
+  }
+}
+
+// Groups the P = T * K pairs by expert for the decode kernels of gemv.cu: slot s < n (n the
+// number of experts any pair picked, in increasing id order) is expert slot_expert[s], whose
+// pairs are sorted[slot_start[s] .. + slot_count[s]]; slot_expert[s] = -1 for n <= s <
+// max_slots. The order of pairs inside an expert varies from run to run; no result depends on
+// it. One block; dynamic shared memory 3E ints.
+extern "C" __global__ void moe_group(const int* __restrict__ ids, int P, int E, int max_slots,
+                                     int* __restrict__ sorted, int* __restrict__ slot_expert,
+                                     int* __restrict__ slot_start, int* __restrict__ slot_count) {
+  extern __shared__ int counts[];  // [E] counts, [E] offsets, [E] cursors
+  int* offsets = counts + E;
+  int* cursor = offsets + E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = cursor[e] = 0;
   __syncthreads();
-  for (int e = warp; e < E; e += warps) {
-    const float* w = router + (long long)e * H;
-    float s = 0.0f;
-    for (int i = lane; i < H; i += 32) s += xs[i] * w[i];
-    s = warp_sum(s);
-    if (lane == 0) p[e] = s;
+  for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&counts[ids[p]], 1);
+  __syncthreads();
+  if (threadIdx.x < 32) {  // one warp scans the counts, 32 experts at a time
+    const int lane = threadIdx.x;
+    int off = 0, n = 0;
+    for (int base = 0; base < E; base += 32) {
+      const int e = base + lane, c = e < E ? counts[e] : 0;
+      int incl = c;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const unsigned hit = __ballot_sync(0xffffffffu, c > 0);
+      if (e < E) offsets[e] = off + incl - c;
+      if (c > 0) {
+        const int s = n + __popc(hit & ((1u << lane) - 1u));
+        slot_expert[s] = e;
+        slot_start[s] = off + incl - c;
+        slot_count[s] = c;
+      }
+      off += __shfl_sync(0xffffffffu, incl, 31);
+      n += __popc(hit);
+    }
+    for (int s = n + lane; s < max_slots; s += 32) slot_expert[s] = -1;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {  // E and K are small: one thread keeps the order exact
-    float mx = NEG_INF;
-    for (int e = 0; e < E; ++e) mx = fmaxf(mx, p[e]);
-    float sum = 0.0f;
-    for (int e = 0; e < E; ++e) {
-      p[e] = expf(p[e] - mx);
-      sum += p[e];
-    }
-    for (int e = 0; e < E; ++e) {
-      p[e] /= sum;
-      biased[e] = p[e] + bias[e];
-    }
-    float chosen = 0.0f;
-    for (int k = 0; k < K; ++k) {
-      int best = -1;
-      for (int e = 0; e < E; ++e)
-        if (biased[e] != NEG_INF && (best < 0 || biased[e] > biased[best])) best = e;
-      biased[best] = NEG_INF;
-      ids[t * K + k] = best;
-      chosen += p[best];
-    }
-    const float denom = fmaxf(chosen, norm_min);
-    for (int k = 0; k < K; ++k) weights[t * K + k] = p[ids[t * K + k]] / denom;
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const int e = ids[p];
+    sorted[offsets[e] + atomicAdd(&cursor[e], 1)] = p;
   }
 }
 

@@ -15,12 +15,14 @@ import numpy as np
 
 from pdserve.backends.cublas_capturable import CUDA_R_16BF, current, has_grouped_gemm
 from pdserve.backends.cupy_kernels import BF16, Kernels
+from pdserve.backends.cupy_moe import group_pairs
 
 MIN_TOKENS = 256
 USE_GROUPED = True  # cublasGemmGroupedBatchedEx where the library has it
-# Every expert padded to the busiest one's rows, as one strided batched GEMM, while that wastes
-# at most this share of the work (a balanced long prefill): cuBLAS' best kernels, one launch.
-MAX_PADDING = 0.5
+# Every expert padded to the busiest one's rows, as one strided batched GEMM (cuBLAS' best
+# kernels, one launch), while padding adds at most this multiple of the real rows: at 8k tokens
+# it ran 1.5x faster than the grouped GEMM (benchmarks/bench_moe_prefill.py).
+MAX_PADDING = 2.0
 # One expert's GEMM has too few output tiles to fill the GPU (768 rows x 3072 is 72 of cuBLAS'
 # tiles at 8k tokens on 132 SMs), so consecutive experts run on different streams.
 NUM_STREAMS = 4
@@ -68,15 +70,14 @@ def moe_experts(
     top_k = ids.shape[1]
     e, inter = gate_up.shape[0], gate_up.shape[1] // 2
     pairs = t * top_k
-    flat = ids.reshape(-1)  # [P] expert of each (token, k) pair
-    order = cp.argsort(flat)  # [P] pairs sorted by expert
-    counts = cp.asnumpy(cp.bincount(flat, minlength=e))  # the one sync of the layer
-    if np.count_nonzero(counts) == e and counts.max() * e <= (1 + MAX_PADDING) * pairs:
-        return _padded(k, x, weights, order, counts, top_k, gate_up, down)
+    order, slot_expert, slot_start, slot_count = group_pairs(k, ids, e)  # pairs by expert
+    n = slot_expert.size
+    meta = cp.asnumpy(cp.concatenate([slot_expert, slot_start, slot_count]))  # the one sync
+    touched = meta[:n] >= 0
+    experts, starts, ms = meta[:n][touched], meta[n : 2 * n][touched], meta[2 * n :][touched]
+    if len(experts) == e and ms.max() * e <= (1 + MAX_PADDING) * pairs:
+        return _padded(k, x, weights, order, starts, int(ms.max()), top_k, gate_up, down)
     xs = x.view(np.uint16)[order // top_k].view(BF16)  # [P, H] token rows in expert order
-    experts = np.flatnonzero(counts)
-    ms = counts[experts]
-    starts = np.concatenate([[0], np.cumsum(ms)])[:-1]  # first sorted row of each expert
     gu = k.empty((pairs, 2 * inter), BF16)  # [P, 2I]
     act = k.empty((pairs, inter), BF16)  # [P, I]
     # [P, H] expert outputs, rows in expert order (bf16: grouped GEMMs output what they read)
@@ -87,6 +88,13 @@ def moe_experts(
         _per_stream(k, ms, starts, experts, xs, gate_up, gu, down, act, y)
     pos = cp.empty(pairs, np.int32)
     pos[order] = cp.arange(pairs, dtype=np.int32)  # sorted row of each pair
+    return _combine(k, y, pos, weights, t, top_k)
+
+
+def _combine(
+    k: Kernels, y: cp.ndarray, pos: cp.ndarray, weights: cp.ndarray, t: int, top_k: int
+) -> cp.ndarray:
+    h = y.shape[1]
     out = k.empty((t, h), BF16)
     k.launch("moe_prefill.cu", "moe_combine_sorted", (t,), 256,
              (y, pos, weights, out, h, top_k))  # fmt: skip
@@ -146,20 +154,22 @@ def _per_stream(
 
 
 def _padded(
-    k: Kernels, x: cp.ndarray, weights: cp.ndarray, order: cp.ndarray, counts: np.ndarray,
-    top_k: int, gate_up: cp.ndarray, down: cp.ndarray,
+    k: Kernels, x: cp.ndarray, weights: cp.ndarray, order: cp.ndarray, starts: np.ndarray,
+    cap: int, top_k: int, gate_up: cp.ndarray, down: cp.ndarray,
 ) -> cp.ndarray:  # fmt: skip
     """Every expert's rows padded to `cap`, the busiest expert's count: [E, cap, ...] operands and
-    one strided batched GEMM per projection. Padding rows hold garbage nobody reads."""
+    one strided batched GEMM per projection. Padding rows compute on token 0 and nobody reads
+    them. `order` lists the pairs by expert, expert e's from starts[e]."""
     t, h = x.shape
     e, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    pairs, cap = t * top_k, int(counts.max())
-    starts = cp.asarray(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
-    expert_of = cp.repeat(cp.arange(e), cp.asarray(counts))  # [P] expert of each sorted row
-    rank = cp.arange(pairs) - starts[expert_of]  # [P] row within its expert
-    dest = (expert_of * cap + rank).astype(np.int32)  # [P] padded row of each sorted row
-    xs = k.empty((e * cap, h), BF16)
-    xs.view(np.uint16)[dest] = x.view(np.uint16)[order // top_k]
+    pairs = t * top_k
+    first = cp.asarray(starts.astype(np.int32))  # [E]
+    i = cp.arange(pairs, dtype=np.int32)
+    expert = cp.searchsorted(first, i, side="right").astype(np.int32) - 1  # [P] of sorted row i
+    dest = expert * cap + i - first[expert]  # [P] padded row of sorted row i
+    src = cp.zeros(e * cap, np.int32)  # token of each padded row
+    src[dest] = order // top_k
+    xs = x.view(np.uint16)[src].view(BF16)  # [E * cap, H]
     gu = k.empty((e * cap, 2 * inter), BF16)
     blas = current()
     blas.gemm_batched_nt(e, cap, 2 * inter, h, xs.data.ptr, h, cap * h, gate_up.data.ptr, h,
@@ -172,7 +182,4 @@ def _padded(
                          inter, h * inter, y.data.ptr, h, cap * h, CUDA_R_16BF)  # fmt: skip
     pos = cp.empty(pairs, np.int32)
     pos[order] = dest  # padded row of each (token, k) pair
-    out = k.empty((t, h), BF16)
-    k.launch("moe_prefill.cu", "moe_combine_sorted", (t,), 256,
-             (y, pos, weights, out, h, top_k))  # fmt: skip
-    return out
+    return _combine(k, y, pos, weights, t, top_k)

@@ -8,8 +8,9 @@ Storage and precision:
 - the KV pool bf16, one allocation outside CuPy's memory pool (so a CUDA IPC handle of it
   names exactly the pool).
 A forward pass never waits on the device (the first one uploads RoPE's frequency table once):
-launch sizes come from array shapes and the batch's host copies of its lengths. Dense linears
-go through cuBLAS (cublasGemmEx, float32 accumulation); everything else is csrc/*.cu.
+launch sizes come from array shapes and the batch's host copies of its lengths. Dense linears of
+a few tokens run our tensor-core GEMV (csrc/gemv.cu), larger ones cuBLAS (cublasGemmEx through
+ctypes, float32 accumulation); everything else is csrc/*.cu.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from dataclasses import dataclass
 import cupy as cp
 import numpy as np
 
-from pdserve.backends import cupy_attention, cupy_moe, cupy_moe_prefill
+from pdserve.backends import cupy_attention, cupy_gemv, cupy_moe, cupy_moe_prefill
 from pdserve.backends.base import Array, Ops
 from pdserve.backends.cupy_graphs import DecodeGraphs
 from pdserve.backends.cupy_kernels import (
     BF16,
     Kernels,
     bf16_bits_to_f32,
-    gemm,
     row_major,
     to_bf16_bits,
 )
@@ -68,7 +68,7 @@ class CupyOps(Ops):
     name = "cupy"
 
     def __init__(
-        self, moe_gemv_max_tokens: int = 8, min_split_keys: int = 256, poison: bool = False
+        self, moe_gemv_max_tokens: int = 128, min_split_keys: int = 256, poison: bool = False
     ) -> None:
         self.k = Kernels(poison)
         self.moe_gemv_max_tokens = moe_gemv_max_tokens
@@ -150,9 +150,10 @@ class CupyOps(Ops):
         return out, res_out
 
     def linear(self, x: cp.ndarray, weight: CupyLinear | cp.ndarray) -> cp.ndarray:
+        # the GEMV up to a few tokens (decode), cuBLAS above (backends/cupy_gemv.py)
         if isinstance(weight, CupyLinear):
-            return gemm(self.k, x, weight.data, BF16)
-        return gemm(self.k, x, weight, np.dtype(np.float32))  # the lm_head: float32 logits
+            return cupy_gemv.linear(self.k, x, weight.data, BF16)
+        return cupy_gemv.linear(self.k, x, weight, np.dtype(np.float32))  # lm_head: f32 logits
 
     def _rope_freq(self, theta: float, d: int) -> cp.ndarray:
         inv_freq = self._inv_freq.get((theta, d))
