@@ -53,7 +53,7 @@ def main() -> None:
     modes = ["padded", "grouped", "streams"] if has_grouped_gemm() else ["padded", "streams"]
     for mode, t in ((m, int(s)) for m in modes for s in args.tokens.split(",")):
         cupy_moe_prefill.USE_GROUPED = mode == "grouped"
-        cupy_moe_prefill.MAX_PADDING = 2.0 if mode == "padded" else -1.0
+        cupy_moe_prefill.MAX_PADDING = 0.5 if mode == "padded" else -1.0
         x = randn((t, H), 1.0)
         rng = np.random.default_rng(0)
         ids = cp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(t)]), np.int32)
