@@ -288,7 +288,7 @@ __device__ __forceinline__ void prefill_attention(
 }
 
 #define PREFILL_INSTANCE(DP)                                                                   \
-  extern "C" __global__ void __maxnreg__(200) paged_prefill_d##DP(                     \
+  extern "C" __global__ void __maxnreg__(160) paged_prefill_d##DP(                     \
       const bf16_t* q, const bf16_t* kv, const int* query_start, const int* seq_lens,          \
       const int* block_tables, bf16_t* out, int num_seqs, int heads, int kv_heads, int D,      \
       int block_size, int max_blocks, long long kv_half, int hpb, int tt, float scale_log2) {  \
