@@ -13,51 +13,9 @@
 // shared memory through ldmatrix (rows XOR-swizzled in 16-byte pieces, so the 8 rows of each
 // ldmatrix hit 8 different bank groups); P goes from the S accumulators straight into A
 // fragments. The head dim is padded to DP (a multiple of 16): pieces past D load as zeros.
-#include "common.cuh"
+#include "ptx.cuh"
 
 #define PF_BK 64  // keys per KV tile
-
-__device__ __forceinline__ u32 pf_shared_addr(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-__device__ __forceinline__ void pf_cp_async16(u32 dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void pf_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void pf_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ float pf_ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ void ldsm_x4(u32* r, u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(u32* r, u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-// c[4] += a[4] (16x16, row) * b[2] (16x8, col)
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// two floats -> bf16x2, `lo` in the low half (the lower column)
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
 
 template <int DP>
 __device__ __forceinline__ void prefill_attention(
@@ -118,7 +76,7 @@ __device__ __forceinline__ void prefill_attention(
   unsigned char* sq = (unsigned char*)smem_v4;         // [nwarps * 16][DP]
   unsigned char* sk = sq + nwarps * 16 * RB;           // [2][BK][DP]
   unsigned char* sv = sk + 2 * PF_BK * RB;             // [2][BK][DP]
-  const u32 aq = pf_shared_addr(sq), ak = pf_shared_addr(sk), av = pf_shared_addr(sv);
+  const u32 aq = shared_addr(sq), ak = shared_addr(sk), av = shared_addr(sv);
   auto swz = [](int row, int piece) { return row * RB + ((piece ^ (row & SWZ)) << 4); };
 
   // query rows: warp w's row r is token i0 + (w / hpb) * 16 + r of head hc0 + w % hpb
@@ -127,9 +85,9 @@ __device__ __forceinline__ void prefill_attention(
     const int tk = i0 + (w / hpb) * 16 + (row & 15), hh = hc0 + w % hpb;
     const bool ok = tk <= last && hh < group && pc * 8 < D;
     const bf16_t* src = ok ? q + ((long long)(q0 + tk) * heads + kvh * group + hh) * D + pc * 8 : q;
-    pf_cp_async16(aq + swz(row, pc), src, ok ? 16 : 0);
+    cp_async16(aq + swz(row, pc), src, ok ? 16 : 0);
   }
-  pf_commit();
+  cp_async_commit();
   // K or V rows of KV tile j into stage st; rows past n_keys load as zeros. Each thread keeps
   // one 16-byte column pc of rows r0, r0 + rstep, ... (nthreads is a multiple of CH).
   const bool one_block = block_size % PF_BK == 0;  // a tile never straddles two blocks
@@ -153,12 +111,12 @@ __device__ __forceinline__ void prefill_attention(
                         : base + ((long long)table[key / block_size] * block_size +
                                   key % block_size) * row_stride;
       }
-      pf_cp_async16(dst + swz(row, pc), src, ok ? 16 : 0);
+      cp_async16(dst + swz(row, pc), src, ok ? 16 : 0);
     }
   };
   load_tile(0, 0, ak, 0);
   load_tile(0, 0, av, kv_half);
-  pf_commit();
+  cp_async_commit();
 
   // this thread's two rows: g and g + 8 of the warp's 16; padded rows act as the last token
   const int g = lane >> 2, tg = lane & 3;
@@ -166,12 +124,12 @@ __device__ __forceinline__ void prefill_attention(
   const int pos0 = base_pos + min(wt0 + g, last), pos1 = base_pos + min(wt0 + g + 8, last);
   const int wmin = base_pos + min(wt0, last), wmax = base_pos + min(wt0 + 15, last);
 
-  pf_wait<1>();  // the queries have landed
+  cp_async_wait<1>();  // the queries have landed
   __syncthreads();
   u32 qf[KS][4];
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
-    ldsm_x4(qf[ks], aq + swz(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+    ldsm_x4(qf[ks], aq + swz(warp * 16 + (lane & 15), ks * 2 + (lane >> 4)), false);
 
   float acc[NT][4];
 #pragma unroll
@@ -180,13 +138,13 @@ __device__ __forceinline__ void prefill_attention(
 
   for (int j = 0; j < n_tiles; ++j) {
     const int st = j & 1, k0 = j * PF_BK;
-    pf_wait<0>();     // K_j and V_j, issued one tile ago, have landed
+    cp_async_wait<0>();     // K_j and V_j, issued one tile ago, have landed
     __syncthreads();  // for every thread; and tile j - 1's stage is free
     if (j + 1 < n_tiles) {
       load_tile(j + 1, st ^ 1, ak, 0);
       load_tile(j + 1, st ^ 1, av, kv_half);
     }
-    pf_commit();
+    cp_async_commit();
     const bool active = k0 <= wmax;  // some key of the tile is visible to this warp
     float sc[SN][4];
     if (active) {
@@ -199,7 +157,7 @@ __device__ __forceinline__ void prefill_attention(
         for (int np = 0; np < SN / 2; ++np) {
           u32 bb[4];
           const int row = np * 16 + ((lane >> 4) << 3) + (lane & 7);
-          ldsm_x4(bb, kst + swz(row, ks * 2 + ((lane >> 3) & 1)));
+          ldsm_x4(bb, kst + swz(row, ks * 2 + ((lane >> 3) & 1)), false);
           mma16816(sc[2 * np], qf[ks], bb[0], bb[1]);
           mma16816(sc[2 * np + 1], qf[ks], bb[2], bb[3]);
         }
@@ -226,7 +184,7 @@ __device__ __forceinline__ void prefill_attention(
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
       const float b0 = mx0 == NEG_INF ? 0.0f : mx0 * scale_log2;
       const float b1 = mx1 == NEG_INF ? 0.0f : mx1 * scale_log2;
-      const float a0 = pf_ex2(m0 * scale_log2 - b0), a1 = pf_ex2(m1 * scale_log2 - b1);
+      const float a0 = ex2(m0 * scale_log2 - b0), a1 = ex2(m1 * scale_log2 - b1);
       m0 = mx0, m1 = mx1;
       l0 *= a0, l1 *= a1;
 #pragma unroll
@@ -236,10 +194,10 @@ __device__ __forceinline__ void prefill_attention(
       }
 #pragma unroll
       for (int n = 0; n < SN; ++n) {
-        sc[n][0] = pf_ex2(fmaf(sc[n][0], scale_log2, -b0));
-        sc[n][1] = pf_ex2(fmaf(sc[n][1], scale_log2, -b0));
-        sc[n][2] = pf_ex2(fmaf(sc[n][2], scale_log2, -b1));
-        sc[n][3] = pf_ex2(fmaf(sc[n][3], scale_log2, -b1));
+        sc[n][0] = ex2(fmaf(sc[n][0], scale_log2, -b0));
+        sc[n][1] = ex2(fmaf(sc[n][1], scale_log2, -b0));
+        sc[n][2] = ex2(fmaf(sc[n][2], scale_log2, -b1));
+        sc[n][3] = ex2(fmaf(sc[n][3], scale_log2, -b1));
         l0 += sc[n][0] + sc[n][1];
         l1 += sc[n][2] + sc[n][3];
       }
@@ -256,14 +214,14 @@ __device__ __forceinline__ void prefill_attention(
         for (int dp = 0; dp < DP / 16; ++dp) {
           u32 bb[4];
           const int row = ks * 16 + (((lane >> 3) & 1) << 3) + (lane & 7);
-          ldsm_x4_t(bb, vst + swz(row, dp * 2 + (lane >> 4)));
+          ldsm_x4(bb, vst + swz(row, dp * 2 + (lane >> 4)), true);
           mma16816(acc[2 * dp], a, bb[0], bb[1]);
           mma16816(acc[2 * dp + 1], a, bb[2], bb[3]);
         }
       }
     }
   }
-  pf_wait<0>();
+  cp_async_wait<0>();
 
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);

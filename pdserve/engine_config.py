@@ -122,7 +122,7 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("--gpu-memory-utilization must be in (0, 1]")
         self._refuse_unbuilt()
-        self.cudagraph_capture_sizes(1)  # a malformed --graph-optimization-config fails here
+        _graph_options(self.graph_optimization_config)  # a malformed one fails here
 
     def _refuse_unbuilt(self) -> None:
         """Accepted for FastDeploy compatibility, not implemented yet: say so."""

@@ -147,7 +147,6 @@ class DecodeGraphs:
             and batch.num_tokens == n
             and int(batch.logits_indices.shape[0]) == n
             and batch.block_tables.shape[1] <= self.width
-            and batch.after_layer is None
         )
 
     def run(self, batch: ForwardBatch) -> cp.ndarray | None:

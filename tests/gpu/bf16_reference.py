@@ -16,6 +16,22 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return u.astype(np.uint32).view(np.float32)
 
 
+def bf16_randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    """Standard normal float32 data that is bf16-exact, so every backend sees the same values."""
+    return round_bf16(scale * rng.standard_normal(shape).astype(np.float32))
+
+
+def assert_bf16_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-2) -> None:
+    """Every element written, and within bf16 rounding of the reference."""
+    got = np.asarray(got, dtype=np.float32)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.isfinite(got).all(), f"{np.count_nonzero(~np.isfinite(got))} elements not written"
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    assert err <= rel, f"relative error {err:.3g} > {rel}"
+    worst = np.abs(got - want).max()
+    assert worst <= 4 * rel * np.abs(want).max(), f"max abs error {worst:.3g}"
+
+
 class _LinearWeight(np.ndarray):
     """A weight made by `linear_weight`: what a linear over it returns is rounded to bf16 (the
     lm_head, a plain `weight`, gives float32 logits)."""

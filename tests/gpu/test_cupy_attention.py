@@ -11,7 +11,7 @@ import pytest
 from pdserve.backends import gpu_unavailable_reason
 from pdserve.backends.numpy_ops import NumpyOps
 from pdserve.model.forward_batch import ForwardBatch
-from tests.gpu.bf16_reference import round_bf16
+from tests.gpu.bf16_reference import assert_bf16_close, round_bf16
 
 REASON = gpu_unavailable_reason()
 if REASON is not None:
@@ -26,31 +26,6 @@ else:
 pytestmark = pytest.mark.gpu
 ref = NumpyOps()
 ERNIE = (20, 4, 128, 64)  # heads, kv_heads, head_dim, block_size
-
-
-@pytest.fixture
-def ops() -> CupyOps:
-    return CupyOps(poison=True)
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    """Fresh data every run; the seed is printed, so a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy) % 2**63
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
-
-
-def assert_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-2) -> None:
-    """Every element written, and within bf16 rounding of the reference."""
-    got = np.asarray(got, dtype=np.float32)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert np.isfinite(got).all(), f"{np.count_nonzero(~np.isfinite(got))} elements not written"
-    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-    worst = np.abs(got - want).max()
-    print(f"relative error {err:.2e}, max abs error {worst:.2e}")
-    assert err <= rel, f"relative error {err:.3g} > {rel}"
-    assert worst <= 4 * rel * np.abs(want).max(), f"max abs error {worst:.3g}"
 
 
 class Case:
@@ -109,7 +84,7 @@ def test_decode_splits_fill_the_gpu():
 @pytest.mark.parametrize("ctx", [1, 63, 64, 65, 1000, 5000])
 def test_decode_one_sequence(ops, rng, ctx):
     case = Case(rng, [(ctx - 1, 1)], *ERNIE)
-    assert_close(case.got(ops), case.want())
+    assert_bf16_close(case.got(ops), case.want())
 
 
 DECODE_SHAPES = {  # heads, kv_heads, head_dim, block_size
@@ -127,8 +102,8 @@ def test_decode_batch(ops, rng, shape):
     seqs = [(c - 1, 1) for c in (1, 63, 64, 65, 1000, 5000, 300)]
     case = Case(rng, seqs, *DECODE_SHAPES[shape])
     want = case.want()
-    assert_close(case.got(ops), want)
-    assert_close(case.got(ops, host=False), want)  # the plan from shapes alone
+    assert_bf16_close(case.got(ops), want)
+    assert_bf16_close(case.got(ops, host=False), want)  # the plan from shapes alone
 
 
 PREFILL_CASES = {  # sequences (cached, new), heads, kv_heads, head_dim, block_size
@@ -151,14 +126,14 @@ PREFILL_CASES = {  # sequences (cached, new), heads, kv_heads, head_dim, block_s
 def test_prefill(ops, rng, case_name, host):
     seqs, *shape = PREFILL_CASES[case_name]
     case = Case(rng, seqs, *shape)
-    assert_close(case.got(ops, host), case.want())
+    assert_bf16_close(case.got(ops, host), case.want())
 
 
 def test_prefill_head_chunks(ops, rng, monkeypatch):
     """Four warps per block split a group of 5 heads over two blocks (4 heads, then 1)."""
     monkeypatch.setattr(cupy_attention, "PREFILL_MAX_WARPS", 4)
     case = Case(rng, *PREFILL_CASES["mixed_decode"])
-    assert_close(case.got(ops), case.want())
+    assert_bf16_close(case.got(ops), case.want())
 
 
 def test_decode_graph_replays_new_lengths(ops, rng, monkeypatch):
@@ -178,7 +153,7 @@ def test_decode_graph_replays_new_lengths(ops, rng, monkeypatch):
     batch = first.batch(ops.to_device, host=False)
     q, pool = ops.weight(first.q), ops.weight(first.pool)
     eager = ops.to_host(ops.paged_attention(q, pool, batch, first.scale))
-    assert_close(eager, first.want())
+    assert_bf16_close(eager, first.want())
 
     stream = cp.cuda.Stream(non_blocking=True)
     cp.cuda.Device().synchronize()
@@ -197,4 +172,4 @@ def test_decode_graph_replays_new_lengths(ops, rng, monkeypatch):
     cp.cuda.Device().synchronize()
     graph.launch(stream)
     stream.synchronize()
-    assert_close(ops.to_host(out), second.want())
+    assert_bf16_close(ops.to_host(out), second.want())

@@ -11,7 +11,12 @@ import pytest
 
 from pdserve.backends import gpu_unavailable_reason
 from pdserve.backends.numpy_ops import NumpyOps
-from tests.gpu.bf16_reference import Bf16ReferenceOps, round_bf16
+from tests.gpu.bf16_reference import (
+    Bf16ReferenceOps,
+    assert_bf16_close,
+    bf16_randn,
+    round_bf16,
+)
 
 REASON = gpu_unavailable_reason()
 if REASON is not None:
@@ -21,39 +26,11 @@ else:
 
     from pdserve.backends import cupy_gemv, cupy_moe
     from pdserve.backends.cupy_kernels import BF16, bf16_bits_to_f32
-    from pdserve.backends.cupy_ops import CupyLinear, CupyOps
+    from pdserve.backends.cupy_ops import CupyLinear
 
 pytestmark = pytest.mark.gpu
 ref = NumpyOps()
 ref_bf16 = Bf16ReferenceOps()
-
-
-@pytest.fixture
-def ops() -> CupyOps:
-    return CupyOps(poison=True)
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    """Fresh data every run; the seed is printed, so a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy) % 2**63
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
-
-
-def bf16_randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return round_bf16(scale * rng.standard_normal(shape).astype(np.float32))
-
-
-def assert_bf16_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-2) -> None:
-    """Every element written, and within bf16 rounding of the reference."""
-    got = np.asarray(got, dtype=np.float32)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert np.isfinite(got).all(), f"{np.count_nonzero(~np.isfinite(got))} elements not written"
-    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-    assert err <= rel, f"relative error {err:.3g} > {rel}"
-    worst = np.abs(got - want).max()
-    assert worst <= 4 * rel * np.abs(want).max(), f"max abs error {worst:.3g}"
 
 
 def replay(fn: Callable[[], tuple], update: Callable[[], None]) -> tuple[np.ndarray, ...]:

@@ -21,10 +21,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("t,heads,kv_heads,d", [(1, 20, 4, 128), (37, 6, 2, 64), (5, 4, 4, 16)])
-def test_rope_write_kv_equals_rope_then_write_kv(t, heads, kv_heads, d):
-    seed = int(np.random.SeedSequence().entropy) % 2**63
-    print(f"seed {seed}")
-    rng = np.random.default_rng(seed)
+def test_rope_write_kv_equals_rope_then_write_kv(rng, t, heads, kv_heads, d):
     ops = CupyOps(poison=True)
     blocks, bs = 7, 16
     width = (heads + 2 * kv_heads) * d
