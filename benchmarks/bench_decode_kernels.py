@@ -6,10 +6,12 @@ copy is measured again at the start and reported beside it).
          dense gate_up and down, lm_head) at T = 1, 8, 32: our GEMV (cupy_gemv.gemv), cuBLAS
          (cupy_kernels.gemm) for the crossover, and the GEMV replayed from a CUDA graph;
          `--sweep` adds the GEMV at T = 1 over warps per block for the small shapes;
-  moe    one MoE layer (route + experts, 64 experts of 1536, top-6, random routing) at T = 1,
-         8, 32, 128: the decode path as a whole, as a CUDA graph, and kernel by kernel; the
-         older paths (GEMV per (token, expert) pair; grouped tensor-core GEMM) for reference.
-         The floor counts the experts the router really picked, per layer.
+  moe    one MoE layer (route + experts, 64 experts of 1536, top-6, random routing, and the
+         two shared experts, one MLP of 3072) at T = 1, 8, 32, 128: the decode path as a whole,
+         as a CUDA graph, and kernel by kernel; the older paths (GEMV per (token, expert) pair;
+         grouped tensor-core GEMM; both with the shared experts as two GEMMs, SiLU-mul and an
+         add) for reference. The floor counts the experts the router really picked, per layer,
+         and the shared experts.
 
 Timing: a spin kernel holds the GPU while the host queues the launches, so CUDA events time
 kernels back to back, gaps included (about what a graph node costs); the launches rotate over
@@ -181,6 +183,8 @@ class MoELayers:
         self.k, self.copies = k, copies
         self.gate_up = [randn_bf16((E, 2 * I_MOE, H), 0.02) for _ in range(copies)]
         self.down = [randn_bf16((E, H, I_MOE), 0.02) for _ in range(copies)]
+        self.shared = [(randn_bf16((4 * I_MOE, H), 0.02), randn_bf16((H, 2 * I_MOE), 0.02))
+                       for _ in range(copies)]  # fmt: skip
         self.router = [cp.random.standard_normal((E, H), dtype=cp.float32) * np.float32(0.02)
                        for _ in range(copies)]  # fmt: skip
         self.bias = cp.zeros((E,), cp.float32)
@@ -204,7 +208,7 @@ def bench_moe(timer: Timer, k: Kernels, tokens: list[int], sweep: bool) -> list[
     layers = MoELayers(k, 3, max(tokens))
     for t in tokens:
         touched = layers.use_tokens(t)
-        nbytes = touched * expert_bytes + E * H * 4
+        nbytes = (touched + 2) * expert_bytes + E * H * 4
         floor_us = nbytes / BANDWIDTH * 1e6
         nl = 3 * max(1, min(100, int(3000 / floor_us) // 3))
         extra = {"experts": round(touched, 1)}
@@ -212,12 +216,14 @@ def bench_moe(timer: Timer, k: Kernels, tokens: list[int], sweep: bool) -> list[
         def layer(i: int, path: str = "decode") -> cp.ndarray:
             j = i % layers.copies
             w, ids = layers.route(i)
-            x, gu, dn = layers.x[j], layers.gate_up[j], layers.down[j]
+            x, gu, dn, shared = layers.x[j], layers.gate_up[j], layers.down[j], layers.shared[j]
             if path == "decode":
-                return cupy_moe.decode_experts(k, x, w, ids, gu, dn)
+                return cupy_moe.decode_experts(k, x, w, ids, gu, dn, shared)
             if path == "gemm":
-                return cupy_moe.moe_experts(k, x, w, ids, gu, dn, 0)
-            return pairs(k, x, w, ids, gu, dn)
+                out = cupy_moe.moe_experts(k, x, w, ids, gu, dn, 0)
+            else:
+                out = pairs(k, x, w, ids, gu, dn)
+            return out + dense_mlp(k, x, *shared)
 
         us = timer.per_launch_us(layer, nl)
         graph = timer.graph_us(layer, nl)
@@ -240,23 +246,27 @@ def stages(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, nbytes: 
            extra: dict) -> list[dict]:  # fmt: skip
     """The decode path kernel by kernel: events between the launches of n layers, queued
     behind a spin."""
-    names = ("route", "group", "gate_up", "down")
+    names = ("route", "group", "gate_up", "down", "combine")
     layers.route(0)
     cp.cuda.Device().synchronize()
     timer.spin((1,), (1,), (np.uint64(int(n * 8 * timer.host_us_per_launch * 1e3 + 2e6)),))
     events = []
     for i in range(n):
         j = i % layers.copies
-        ev = [cp.cuda.Event() for _ in range(5)]
+        ev = [cp.cuda.Event() for _ in range(6)]
         ev[0].record()
         w, ids = layers.route(i)
         ev[1].record()
-        group = cupy_moe.group_pairs(k, ids, E)
+        pos = k.empty((ids.size,), np.int32)
+        group = cupy_moe.group_pairs(k, ids, E, pos)
         ev[2].record()
-        act = cupy_moe.gate_up_act(k, layers.x[j], group, layers.gate_up[j], TOP_K)
+        gu, dn = layers.shared[j]
+        act, act_s = cupy_moe.gate_up_act(k, layers.x[j], group, layers.gate_up[j], gu, TOP_K)
         ev[3].record()
-        cupy_moe.down_combine(k, act, group, w, layers.down[j])
+        y, y_s = cupy_moe.down_proj(k, act, act_s, group, layers.down[j], dn, t)
         ev[4].record()
+        cupy_moe.combine(k, y, y_s, 2, pos, w)
+        ev[5].record()
         events.append(ev)
     held = not events[0][0].done
     events[-1][-1].synchronize()
@@ -265,7 +275,13 @@ def stages(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, nbytes: 
         for s, name in enumerate(names):
             total[name] += cp.cuda.get_elapsed_time(ev[s], ev[s + 1]) * 1e3 / n
     routed = nbytes - E * H * 4
-    share = {"route": E * H * 4, "group": 0, "gate_up": 2 / 3 * routed, "down": routed / 3}
+    share = {
+        "route": E * H * 4,
+        "group": 0,
+        "gate_up": 2 / 3 * routed,
+        "down": routed / 3,
+        "combine": 0,
+    }
     return [row("stage", name, t, "decode", total[name], share[name], held=held, **extra)
             for name in names]  # fmt: skip
 
@@ -275,7 +291,7 @@ def sweep_experts(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, n
     """decode_experts alone (routes drawn beforehand) over its launch parameters."""
     routes = [layers.route(j) for j in range(layers.copies)]
     variants = [{"gate_up_warps": w} for w in (2, 3, 4)]
-    variants += [{"down_warps": dw, "kparts": kp} for dw, kp in ((8, 1), (8, 2), (8, 4), (4, None))]
+    variants += [{"down_warps": dw} for dw in (1, 2, 3)]
     rows = []
     for kw in [{}, *variants]:
 
@@ -283,11 +299,21 @@ def sweep_experts(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, n
             j = i % layers.copies
             w, ids = routes[j]
             return cupy_moe.decode_experts(k, layers.x[j], w, ids, layers.gate_up[j],
-                                           layers.down[j], **kw)  # fmt: skip
+                                           layers.down[j], layers.shared[j], **kw)  # fmt: skip
 
         name = ",".join(f"{a}={b}" for a, b in kw.items()) or "default"
         rows.append(row("msweep", "experts", t, name, timer.per_launch_us(run, n), nbytes, **extra))
     return rows
+
+
+def dense_mlp(k: Kernels, x: cp.ndarray, gate_up: cp.ndarray, down: cp.ndarray) -> cp.ndarray:
+    """The shared experts as the engine ran them before they joined the experts' launches."""
+    g = cupy_gemv.linear(k, x, gate_up, BF16)
+    act = k.empty((x.shape[0], gate_up.shape[0] // 2), BF16)
+    n = act.size
+    k.launch("elementwise.cu", "silu_mul", (max(1, min(-(-n // 256), 8 * k.num_sms)),), 256,
+             (g, act, act.shape[1], np.int64(n)))  # fmt: skip
+    return cupy_gemv.linear(k, act, down, BF16)
 
 
 def pairs(k: Kernels, x: cp.ndarray, w: cp.ndarray, ids: cp.ndarray, gate_up: cp.ndarray,
@@ -307,7 +333,7 @@ def kernel_resources() -> dict:
     """Registers and local memory (spills) of the decode kernels as NVRTC built them here."""
     names = [("gemv.cu", f"gemv_nt{nt}") for nt in (1, 2, 3, 4)]
     names += [
-        ("gemv.cu", f"moe_gv_{kind}_nt{nt}") for kind in ("gate_up", "down") for nt in (1, 2, 4)
+        ("moe_decode.cu", f"moe_{kind}_nt{nt}") for kind in ("gate_up", "down") for nt in (1, 2, 4)
     ]
     names += [("moe.cu", n) for n in ("moe_router_logits", "moe_topk", "moe_group")]
     out = {}

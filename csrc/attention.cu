@@ -195,7 +195,7 @@ __device__ __forceinline__ void decode_attention(
       const bf16_t* q, const bf16_t* kv, const int* query_start, const int* seq_lens,        \
       const int* block_tables, bf16_t* out, float* part_o, float* part_ml, int heads,        \
       int kv_heads, int D, int block_size, int max_blocks, long long kv_half,                \
-      float scale_log2) {                                                                    \
+      float scale_log2) { pdl_start();                                                       \
     decode_attention<DP>(q, kv, query_start, seq_lens, block_tables, out, part_o, part_ml,   \
                          heads, kv_heads, D, block_size, max_blocks, kv_half, scale_log2);   \
   }
@@ -212,6 +212,7 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(
     const int* __restrict__ query_start,   // [S + 1]
     bf16_t* __restrict__ out,              // [T, heads, D]
     int num_seqs, int heads, int D, int splits) {
+  pdl_start();
   __shared__ float w[DEC_MAX_SPLITS];
   __shared__ float scratch[32];
   __shared__ f32x4 red[256];

@@ -249,7 +249,7 @@ __device__ __forceinline__ void prefill_attention(
   extern "C" __global__ void __maxnreg__(160) paged_prefill_d##DP(                     \
       const bf16_t* q, const bf16_t* kv, const int* query_start, const int* seq_lens,          \
       const int* block_tables, bf16_t* out, int num_seqs, int heads, int kv_heads, int D,      \
-      int block_size, int max_blocks, long long kv_half, int hpb, int tt, float scale_log2) {  \
+      int block_size, int max_blocks, long long kv_half, int hpb, int tt, float scale_log2) { pdl_start(); \
     prefill_attention<DP>(q, kv, query_start, seq_lens, block_tables, out, num_seqs, heads,    \
                           kv_heads, D, block_size, max_blocks, kv_half, hpb, tt, scale_log2);  \
   }

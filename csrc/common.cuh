@@ -14,6 +14,18 @@ struct alignas(16) u32x4 {  // 16 bytes, for wide loads (CUDA's uint4 needs its 
 
 #define NEG_INF (__int_as_float(0xff800000))
 
+// Programmatic dependent launch (sm_90). Inside CUDA graphs Kernels.launch lets a kernel start
+// before the previous one in its stream has finished, so every kernel calls this first: it waits
+// until the previous kernel has finished and its writes are visible (at once when launched the
+// usual way), then lets the next kernel launch, whose blocks are scheduled and wait in turn while
+// this one runs, hiding its launch latency. Nothing may be read or written before it.
+__device__ __forceinline__ void pdl_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf2f(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
 
 // round to nearest even, as torch and ml_dtypes do

@@ -2,7 +2,7 @@
 // launch per GEMM (never one launch per expert).
 //
 // Decode batches group the pairs by expert (moe_group) and stream each touched expert once
-// (gemv.cu's moe_gv_* kernels). Dims that are not multiples of 8 take GEMV-like kernels over
+// (moe_decode.cu). Dims that are not multiples of 8 take GEMV-like kernels over
 // (token, expert) pairs: a warp per output row. Larger batches group the pairs by expert on
 // the device (moe_align), run a grouped GEMM on the tensor cores (mma.sync m16n8k16 bf16,
 // float32 accumulation) whose tiles each belong to one expert, and combine each token's K
@@ -22,6 +22,7 @@
 extern "C" __global__ void __launch_bounds__(256)
     moe_router_logits(const bf16_t* __restrict__ x, const float* __restrict__ router,
                       float* __restrict__ partial, int T, int H, int E) {
+  pdl_start();
   const int lane = threadIdx.x & 31, e = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (e >= E) return;
   const int t0 = blockIdx.z * ROUTE_TOKENS, nt = min(ROUTE_TOKENS, T - t0);
@@ -75,6 +76,7 @@ extern "C" __global__ void __launch_bounds__(256)
     moe_topk(const float* __restrict__ partial, int S, const float* __restrict__ bias,
              float* __restrict__ weights, int* __restrict__ ids, int T, int E, int K,
              float norm_min) {
+  pdl_start();
   const int lane = threadIdx.x & 31, t = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (t >= T) return;
   float p[ROUTE_PER_LANE], b[ROUTE_PER_LANE];
@@ -143,14 +145,17 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
-// Groups the P = T * K pairs by expert for the decode kernels of gemv.cu: slot s < n (n the
+// Groups the P = T * K pairs by expert for the decode kernels of moe_decode.cu: slot s < n (n the
 // number of experts any pair picked, in increasing id order) is expert slot_expert[s], whose
 // pairs are sorted[slot_start[s] .. + slot_count[s]]; slot_expert[s] = -1 for n <= s <
-// max_slots. The order of pairs inside an expert varies from run to run; no result depends on
-// it. One block; dynamic shared memory 3E ints.
+// max_slots; pos[p] (unless null) is the position of pair p in `sorted`. The order of pairs
+// inside an expert varies from run to run; no result depends on it. One block; dynamic shared
+// memory 3E ints.
 extern "C" __global__ void moe_group(const int* __restrict__ ids, int P, int E, int max_slots,
                                      int* __restrict__ sorted, int* __restrict__ slot_expert,
-                                     int* __restrict__ slot_start, int* __restrict__ slot_count) {
+                                     int* __restrict__ slot_start, int* __restrict__ slot_count,
+                                     int* __restrict__ pos) {
+  pdl_start();
   extern __shared__ int counts[];  // [E] counts, [E] offsets, [E] cursors
   int* offsets = counts + E;
   int* cursor = offsets + E;
@@ -184,8 +189,9 @@ extern "C" __global__ void moe_group(const int* __restrict__ ids, int P, int E, 
   }
   __syncthreads();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
-    const int e = ids[p];
-    sorted[offsets[e] + atomicAdd(&cursor[e], 1)] = p;
+    const int e = ids[p], i = offsets[e] + atomicAdd(&cursor[e], 1);
+    sorted[i] = p;
+    if (pos) pos[p] = i;
   }
 }
 
@@ -198,6 +204,7 @@ extern "C" __global__ void moe_gemv_gate_up(const bf16_t* __restrict__ x,
                                             const int* __restrict__ ids,
                                             const bf16_t* __restrict__ gate_up,
                                             bf16_t* __restrict__ act, int H, int I, int K) {
+  pdl_start();
   const int lane = threadIdx.x & 31, j = blockIdx.y * 4 + (threadIdx.x >> 5);
   if (j >= I) return;
   const int p = blockIdx.x;
@@ -217,6 +224,7 @@ extern "C" __global__ void moe_gemv_down(const bf16_t* __restrict__ act,
                                          const float* __restrict__ weights,
                                          const bf16_t* __restrict__ down,
                                          bf16_t* __restrict__ out, int H, int I, int K) {
+  pdl_start();
   const int lane = threadIdx.x & 31, h = blockIdx.y * 4 + (threadIdx.x >> 5);
   if (h >= H) return;
   const int t = blockIdx.x;
@@ -239,6 +247,7 @@ extern "C" __global__ void moe_align(const int* __restrict__ ids, int P, int E, 
                                      int max_tiles, int* __restrict__ sorted,
                                      int* __restrict__ tile_expert, int* __restrict__ tile_start,
                                      int* __restrict__ tile_end) {
+  pdl_start();
   extern __shared__ int counts[];  // [E] counts, [E] offsets, [E] cursors
   int* offsets = counts + E;
   int* cursor = offsets + E;
@@ -331,6 +340,7 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS) moe_gemm_gate_up(
     const int* __restrict__ tile_expert, const int* __restrict__ tile_start,
     const int* __restrict__ tile_end, const bf16_t* __restrict__ gate_up,
     bf16_t* __restrict__ act, int H, int I, int K) {
+  pdl_start();
   __shared__ alignas(16) bf16_t as[GM_BM * GM_LD];
   __shared__ alignas(16) bf16_t gs[GM_BN * GM_LD];
   __shared__ alignas(16) bf16_t us[GM_BN * GM_LD];
@@ -376,6 +386,7 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS) moe_gemm_down(
     const int* __restrict__ tile_expert, const int* __restrict__ tile_start,
     const int* __restrict__ tile_end, const bf16_t* __restrict__ down, float* __restrict__ y,
     int H, int I) {
+  pdl_start();
   __shared__ alignas(16) bf16_t as[GM_BM * GM_LD];
   __shared__ alignas(16) bf16_t ws[GM_BN * GM_LD];
   const int e = tile_expert[blockIdx.x];
@@ -412,6 +423,7 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS) moe_gemm_down(
 extern "C" __global__ void moe_combine(const float* __restrict__ y,
                                        const float* __restrict__ weights,
                                        bf16_t* __restrict__ out, int H, int K) {
+  pdl_start();
   const long long t = blockIdx.x;
   for (int h = threadIdx.x; h < H; h += blockDim.x) {
     float s = 0.0f;

@@ -9,6 +9,7 @@ extern "C" __global__ void moe_combine_sorted(const bf16_t* __restrict__ y,
                                               const int* __restrict__ pos,
                                               const float* __restrict__ w,
                                               bf16_t* __restrict__ out, int H, int K) {
+  pdl_start();
   const int t = blockIdx.x;
   for (int j = threadIdx.x; j < H; j += blockDim.x) {
     float s = 0.0f;

@@ -4,6 +4,7 @@
 // out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps)          x, out: [T, H] bf16; w: [H] bf16
 extern "C" __global__ void rms_norm(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
                                     bf16_t* __restrict__ out, int H, float eps) {
+  pdl_start();
   __shared__ float scratch[32];
   const long long row = (long long)blockIdx.x * H;
   float ss = 0.0f;
@@ -22,6 +23,7 @@ extern "C" __global__ void add_rms_norm(const void* __restrict__ x, int x_f32,
                                         const void* __restrict__ residual, int res_f32,
                                         const bf16_t* __restrict__ w, bf16_t* __restrict__ out,
                                         float* __restrict__ res_out, int H, float eps) {
+  pdl_start();
   __shared__ float scratch[32];
   const long long row = (long long)blockIdx.x * H;
   float ss = 0.0f;

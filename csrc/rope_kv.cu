@@ -9,6 +9,7 @@ extern "C" __global__ void rope(const bf16_t* __restrict__ x, long long x_row, l
                                 const long long* __restrict__ pos,
                                 const float* __restrict__ inv_freq, bf16_t* __restrict__ out,
                                 int heads, int D) {
+  pdl_start();
   const int t = blockIdx.x, half = D >> 1;
   const float p = (float)pos[t];
   for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
@@ -31,6 +32,7 @@ extern "C" __global__ void write_kv(const bf16_t* __restrict__ k, long long k_ro
                                     const bf16_t* __restrict__ v, long long v_row,
                                     const long long* __restrict__ slots,
                                     bf16_t* __restrict__ kv, long long kv_half, int row_elems) {
+  pdl_start();
   const int t = blockIdx.x;
   const long long slot = slots[t];
   if (slot < 0) return;
@@ -54,6 +56,7 @@ extern "C" __global__ void rope_qkv_write_kv(const bf16_t* __restrict__ qkv, lon
                                              const long long* __restrict__ slots,
                                              bf16_t* __restrict__ kv, long long kv_half,
                                              int heads, int kv_heads, int D) {
+  pdl_start();
   const int t = blockIdx.x, half = D >> 1;
   const float p = (float)pos[t];
   const long long slot = slots[t];

@@ -8,6 +8,7 @@
 extern "C" __global__ void greedy_sample(const float* __restrict__ logits, long long ld, int V,
                                          long long* __restrict__ ids,
                                          float* __restrict__ logprobs) {
+  pdl_start();
   __shared__ float s_val[32];
   __shared__ int s_idx[32];
   __shared__ float scratch[32];

@@ -124,6 +124,13 @@ class Ops(ABC):
 
     @abstractmethod
     def moe_experts(
-        self, x: Array, weights: Array, ids: Array, gate_up: Array, down: Array
-    ) -> Array:
-        """Sum over each token's K experts of weight * down(silu_mul(gate_up(x))): [T, H]."""
+        self, x: Array, weights: Array, ids: Array, gate_up: Array, down: Array,
+        shared: tuple[Array, Array] | None = None,
+    ) -> Array:  # fmt: skip
+        """Sum over each token's K experts of weight * down(silu_mul(gate_up(x))): [T, H].
+        `shared` = (gate_up [2Is, H], down [H, Is]): the shared experts, fused as one MLP
+        whose output is added unweighted."""
+
+    def mlp(self, x: Array, gate_up: Array, down: Array) -> Array:
+        """SwiGLU MLP, down(silu_mul(gate_up(x))): [T, H]."""
+        return self.linear(self.silu_mul(self.linear(x, gate_up)), down)

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from pdserve.backends.cublas_capturable import CUDA_R_16BF, CUDA_R_32F, current
+from pdserve.backends.cuda_launch import launch_overlapped
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -67,10 +68,13 @@ def _arg(v: object) -> object:
 
 class Kernels:
     """Launches csrc kernels and allocates their outputs. With `poison`, every new output starts
-    as NaN (floats) or -1 (ints), so that a test sees any element a kernel failed to write."""
+    as NaN (floats) or -1 (ints), so that a test sees any element a kernel failed to write.
+    While `overlap` is set (decode graph capture), launches may overlap the kernel before them
+    (backends/cuda_launch.py)."""
 
     def __init__(self, poison: bool = False) -> None:
         self.poison = poison
+        self.overlap = False
         self.num_sms: int = cp.cuda.Device().attributes["MultiProcessorCount"]
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> cp.ndarray:
@@ -97,7 +101,10 @@ class Kernels:
         kernel = _kernel(file, name)
         if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:
             kernel.max_dynamic_shared_size_bytes = shared
-        kernel(grid, (block,), tuple(_arg(a) for a in args), shared_mem=shared)
+        if self.overlap:
+            launch_overlapped(kernel.kernel.ptr, grid, block, tuple(map(_arg, args)), shared)
+        else:
+            kernel(grid, (block,), tuple(_arg(a) for a in args), shared_mem=shared)
 
 
 def row_major(x: cp.ndarray, dtype: np.dtype = BF16) -> cp.ndarray:

@@ -1,12 +1,12 @@
-"""Mixture of experts on the GPU: routing and the experts paths of csrc/moe.cu and gemv.cu.
+"""Mixture of experts on the GPU: routing and the experts paths of csrc/moe.cu and moe_decode.cu.
 
 Expert ids and routing weights stay on the device, and every launch size comes from shapes
 (T, E, H, I), so the decode path is capturable in a CUDA graph. Up to `gemv_max_tokens` tokens
 (decode), the pairs are grouped by expert on the device and each touched expert's gate_up and
-down weights are streamed once, against all of its tokens (moe_group, then one grouped-GEMV
-launch for gate_up with SiLU-mul fused, one for down with the weighted combine fused). Above
-it, each GEMM is one grouped tensor-core launch over all experts. Dims that are not multiples
-of 8 take GEMV kernels over (token, expert) pairs at any size.
+down weights, and the shared experts', are streamed once, against all of their tokens
+(moe_group, then one launch for every gate_up with SiLU-mul fused, one for every down, and the
+weighted combine). Above it, each GEMM is one grouped tensor-core launch over all experts. Dims
+that are not multiples of 8 take GEMV kernels over (token, expert) pairs at any size.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ TILE_COLS = 64  # GM_BN
 ROUTE_TOKENS = 8  # ROUTE_TOKENS in csrc/moe.cu
 ROUTE_SPLIT = 256  # ROUTE_SPLIT
 ROUTE_MAX_EXPERTS = 128  # 4 per lane of moe_topk's warp
-DECODE_MAX_TOKENS = 256  # moe_gv_down keeps [warps, T, 16] float32 sums in shared memory
+DECODE_MAX_TOKENS = 256  # decode_experts re-reads a slot's weights (from L2) every 32 tokens
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -53,14 +53,19 @@ def moe_route(
     return weights, ids
 
 
-def group_pairs(k: Kernels, ids: cp.ndarray, e: int) -> tuple[cp.ndarray, ...]:
+def group_pairs(
+    k: Kernels, ids: cp.ndarray, e: int, pos: cp.ndarray | None = None
+) -> tuple[cp.ndarray, ...]:
     """The T * K pairs of ids [T, K] int32 grouped by expert on the device: (order [P], and
-    per slot s < min(E, P): expert [-1 past the touched ones], start, count); see moe_group."""
+    per slot s < min(E, P): expert [-1 past the touched ones], start, count); see moe_group.
+    `pos` [P] int32, if given, gets each pair's position in `order`."""
     pairs = ids.size
     slots = min(e, pairs)
     order = k.empty((pairs,), np.int32)
     group = (order, *(k.empty((slots,), np.int32) for _ in range(3)))
-    k.launch("moe.cu", "moe_group", (1,), 256, (ids, pairs, e, slots, *group), shared=12 * e)
+    k.launch("moe.cu", "moe_group", (1,), 256,
+             (ids, pairs, e, slots, *group, np.uint64(0) if pos is None else pos),
+             shared=12 * e)  # fmt: skip
     return group
 
 
@@ -70,48 +75,66 @@ def _token_tiles(t: int) -> int:
     return 1 if t <= 8 else 2 if t <= 64 else 4
 
 
+def _one_wave_warps(k: Kernels, blocks: int, choices: tuple[int, ...]) -> int:
+    """The most warps a block (of `choices`) while all `blocks` are resident at once (16 warps
+    an SM at the kernels' 128 registers a thread), else the first choice: a second, partial
+    wave would cost as much as the first."""
+    return next((w for w in choices if 16 // w * k.num_sms >= blocks), choices[0])
+
+
 def gate_up_act(
-    k: Kernels,
-    x: cp.ndarray,
-    group: tuple,
-    gate_up: cp.ndarray,
-    top_k: int,
-    warps: int | None = None,
-) -> cp.ndarray:
-    """silu(gate_e(x[t])) * up_e(x[t]) for every pair, rows in the group's order: [P, I]."""
+    k: Kernels, x: cp.ndarray, group: tuple, gate_up: cp.ndarray, shared_gate_up: cp.ndarray | None,
+    top_k: int, warps: int | None = None,
+) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
+    """silu(gate(x)) * up(x): for every pair, rows in the group's order, [P, I]; and for the
+    shared experts (gate_up [2Is, H]) if given, [T, Is] (else the first again)."""
     t, h = x.shape
     inter = gate_up.shape[1] // 2
-    slots, nt = group[1].size, _token_tiles(t)
-    if not warps:  # 4 (the most its 128 registers allow 4 blocks of), unless fewer fit the
-        # grid in one wave: T = 1 has 6 x 96 blocks, 528 of 4 warps fit, 660 of 3
-        blocks = slots * _cdiv(inter, 16)
-        warps = next((w for w in (4, 3, 2) if 16 // w * k.num_sms >= blocks), 4)
+    inter_s = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
+    slots = group[1].size + _cdiv(inter_s, inter)
     act = k.empty((group[0].size, inter), BF16)  # [P, I]
-    per_warp = _cdiv(_cdiv(h, 32), warps)
-    k.launch("gemv.cu", f"moe_gv_gate_up_nt{nt}", (slots, _cdiv(inter, 16)), 32 * warps,
-             (x, *group, gate_up, act, h, inter, top_k, per_warp),
+    act_s = k.empty((t, inter_s), BF16) if inter_s else act  # [T, Is]
+    warps = warps or _one_wave_warps(k, slots * _cdiv(inter, 16), (4, 3, 2))
+    nt = _token_tiles(t)
+    k.launch("moe_decode.cu", f"moe_gate_up_nt{nt}", (slots, _cdiv(inter, 16)), 32 * warps,
+             (x, *group, gate_up, gate_up if shared_gate_up is None else shared_gate_up, act,
+              act_s, t, h, inter, inter_s, top_k, group[1].size, _cdiv(_cdiv(h, 32), warps)),
              shared=4 * warps * 2 * 16 * 8 * nt)  # fmt: skip
-    return act
+    return act, act_s
 
 
-def down_combine(
-    k: Kernels,
-    act: cp.ndarray,
-    group: tuple,
-    weights: cp.ndarray,
-    down: cp.ndarray,
-    warps: int = 8,
-    kparts: int | None = None,
-) -> cp.ndarray:
-    """sum over each token's pairs of weight * down_e(act[pair]): [T, H] bf16."""
-    t, top_k = weights.shape
+def down_proj(
+    k: Kernels, act: cp.ndarray, act_s: cp.ndarray, group: tuple, down: cp.ndarray,
+    shared_down: cp.ndarray | None, t: int, warps: int = 4,
+) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
+    """Each pair's expert output [P, H] (rows in the group's order) and each shared slot's
+    [n_shared, T, H] (else the first again), float32."""
     h, inter = down.shape[1], down.shape[2]
-    if kparts is None:  # few experts: split I too, so that enough warps stream
-        kparts = 4 if t <= 2 else 2 if t <= 16 else 1
+    inter_s = 0 if shared_down is None else shared_down.shape[1]
+    n_shared = _cdiv(inter_s, inter)
+    y = k.empty((act.shape[0], h), np.float32)  # [P, H]
+    y_s = k.empty((n_shared, t, h), np.float32) if n_shared else y  # [n_shared, T, H]
+    nt = _token_tiles(t)
+    k.launch("moe_decode.cu", f"moe_down_nt{nt}", (group[1].size + n_shared, _cdiv(h, 16)),
+             32 * warps, (act, act_s, *group[1:], down, down if shared_down is None else
+                          shared_down, y, y_s, t, h, inter, inter_s, group[1].size,
+                          _cdiv(_cdiv(inter, 32), warps)),
+             shared=4 * warps * 16 * 8 * nt)  # fmt: skip
+    return y, y_s
+
+
+def combine(
+    k: Kernels, y: cp.ndarray, y_s: cp.ndarray, n_shared: int, pos: cp.ndarray,
+    weights: cp.ndarray,
+) -> cp.ndarray:  # fmt: skip
+    """[T, H] bf16: each token's pairs' outputs by their weights, plus its shared outputs."""
+    t, top_k = weights.shape
+    h = y.shape[1]
     out = k.empty((t, h), BF16)
-    k.launch("gemv.cu", f"moe_gv_down_nt{_token_tiles(t)}", (_cdiv(h, 16),), 32 * warps,
-             (act, *group, weights, down, out, t, h, inter, top_k, group[1].size, kparts),
-             shared=4 * warps * t * 16)  # fmt: skip
+    if top_k > 32:
+        raise ValueError(f"moe_k {top_k}: the decode experts path takes at most 32")
+    k.launch("moe_decode.cu", "moe_combine_decode", (t, _cdiv(h, 256)), 256,
+             (y, y_s, pos, weights, out, t, h, top_k, n_shared))  # fmt: skip
     return out
 
 
@@ -122,20 +145,32 @@ def decode_experts(
     ids: cp.ndarray,
     gate_up: cp.ndarray,
     down: cp.ndarray,
+    shared: tuple[cp.ndarray, cp.ndarray] | None = None,
     gate_up_warps: int | None = None,
-    down_warps: int = 8,
-    kparts: int | None = None,
+    down_warps: int = 4,
 ) -> cp.ndarray:
-    """The decode experts path: x [T, H] bf16, weights [T, K] f32, ids [T, K] int32 (all
-    row-major), gate_up [E, 2I, H], down [E, H, I] bf16 with H and I multiples of 8 and T <=
-    DECODE_MAX_TOKENS -> [T, H] bf16. The keyword arguments tune the launches (benchmarks).
-    Grids: min(E, T * K) expert slots x I / 16 for gate_up (slots no expert fills exit at
-    once), H / 16 for down."""
-    if not 1 <= (gate_up_warps or 4) <= 4 or not 1 <= down_warps <= 8:
-        raise ValueError("the kernels' launch bounds allow 1-4 gate_up and 1-8 down warps")
-    group = group_pairs(k, ids, gate_up.shape[0])
-    act = gate_up_act(k, x, group, gate_up, ids.shape[1], gate_up_warps)
-    return down_combine(k, act, group, weights, down, down_warps, kparts)
+    """The decode experts path (csrc/moe_decode.cu): x [T, H] bf16, weights [T, K] f32, ids
+    [T, K] int32 (all row-major), gate_up [E, 2I, H], down [E, H, I] bf16, and the shared
+    experts' (gate_up [2Is, H], down [H, Is]) if given, with H, I and Is multiples of 8 ->
+    [T, H] bf16, the shared experts' output added unweighted. Grids: one slot per expert a
+    pair may touch (min(E, T * K); slots no expert fills exit at once) plus ceil(Is / I)
+    shared slots, times I / 16 rows for gate_up and H / 16 for down. The keyword arguments
+    tune the launches (benchmarks)."""
+    for w in (gate_up_warps, down_warps):
+        if w is not None and not 1 <= w <= 4:
+            raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
+    pos = k.empty((ids.size,), np.int32)
+    group = group_pairs(k, ids, gate_up.shape[0], pos)
+    sgu, sdn = shared if shared is not None else (None, None)
+    act, act_s = gate_up_act(k, x, group, gate_up, sgu, ids.shape[1], gate_up_warps)
+    y, y_s = down_proj(k, act, act_s, group, down, sdn, x.shape[0], down_warps)
+    n_shared = 0 if sdn is None else _cdiv(sdn.shape[1], gate_up.shape[1] // 2)
+    return combine(k, y, y_s, n_shared, pos, weights)
+
+
+def decode_path(t: int, h: int, inter: int, gemv_max_tokens: int) -> bool:
+    """Whether a pass of t tokens takes `decode_experts`."""
+    return 0 < t <= min(gemv_max_tokens, DECODE_MAX_TOKENS) and h % 8 == 0 and inter % 8 == 0
 
 
 def moe_experts(
@@ -156,7 +191,7 @@ def moe_experts(
     ids = row_major(ids, np.int32)
     weights = row_major(weights, np.float32)
     pairs = t * top_k
-    if 0 < t <= min(gemv_max_tokens, DECODE_MAX_TOKENS) and h % 8 == 0 and inter % 8 == 0:
+    if decode_path(t, h, inter, gemv_max_tokens):
         return decode_experts(k, x, weights, ids, gate_up, down)
     out = k.empty((t, h), BF16)
     if t <= gemv_max_tokens or h % 8 or inter % 8:  # by pairs: any dims, any size

@@ -53,6 +53,10 @@ class CupyLinear:
         return CupyLinear(self.data[i])
 
 
+def _data(w: CupyLinear | cp.ndarray) -> cp.ndarray:
+    return w.data if isinstance(w, CupyLinear) else w
+
+
 def _threads(n: int) -> int:
     """A block size for a row of n elements: a multiple of 32, at most 1024."""
     return min(1024, max(32, -(-n // 32) * 32))
@@ -233,17 +237,22 @@ class CupyOps(Ops):
         ids: cp.ndarray,
         gate_up: CupyLinear | cp.ndarray,
         down: CupyLinear | cp.ndarray,
+        shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | None = None,
     ) -> cp.ndarray:
-        gate_up = gate_up.data if isinstance(gate_up, CupyLinear) else gate_up
-        down = down.data if isinstance(down, CupyLinear) else down
-        if x.shape[0] >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(x.shape[0]):
-            return cupy_moe_prefill.moe_experts(
-                self.k, row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
-                row_major(gate_up), row_major(down),
-            )  # fmt: skip
-        return cupy_moe.moe_experts(
-            self.k, x, weights, ids, row_major(gate_up), row_major(down), self.moe_gemv_max_tokens
-        )
+        gate_up, down = _data(gate_up), _data(down)
+        t, inter = x.shape[0], gate_up.shape[1] // 2
+        args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
+                row_major(gate_up), row_major(down))  # fmt: skip
+        if cupy_moe.decode_path(t, x.shape[1], inter, self.moe_gemv_max_tokens) and (
+            shared is None or _data(shared[1]).shape[1] % 8 == 0
+        ):  # the shared experts stream in the same launches as the routed ones
+            both = None if shared is None else tuple(row_major(_data(w)) for w in shared)
+            return cupy_moe.decode_experts(self.k, *args, both)
+        if t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t):
+            out = cupy_moe_prefill.moe_experts(self.k, *args)
+        else:
+            out = cupy_moe.moe_experts(self.k, *args, self.moe_gemv_max_tokens)
+        return out if shared is None else out + self.mlp(x, *shared)
 
     # -- decode graphs and sampling ---------------------------------------------------------
     def decode_graphs(
@@ -251,7 +260,11 @@ class CupyOps(Ops):
         sizes: object,
     ) -> DecodeGraphs:  # fmt: skip
         graphs = DecodeGraphs(forward, kv_cache, block_size, max_blocks_per_seq, sizes)
-        graphs.capture()
+        self.k.overlap = True  # each kernel's launch hides behind the one before it
+        try:
+            graphs.capture()
+        finally:
+            self.k.overlap = False
         return graphs
 
     def greedy_sample(self, logits: cp.ndarray) -> tuple[np.ndarray, np.ndarray]:

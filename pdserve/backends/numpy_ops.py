@@ -131,8 +131,9 @@ class NumpyOps(Ops):
         ids: np.ndarray,
         gate_up: np.ndarray,
         down: np.ndarray,
+        shared: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
-        out = np.zeros_like(x)
+        out = np.zeros_like(x) if shared is None else self.mlp(x, *shared)
         flat = ids.reshape(-1)  # [T*K]
         order = np.argsort(flat, kind="stable")
         experts, starts = np.unique(flat[order], return_index=True)

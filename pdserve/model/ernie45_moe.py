@@ -67,7 +67,7 @@ class ErnieMoeMLP:
         self.down = ops.linear_weight(w.down, quant)
 
     def __call__(self, x: Array) -> Array:
-        out = self.ops.linear(self.ops.silu_mul(self.ops.linear(x, self.gate_up)), self.down)
+        out = self.ops.mlp(x, self.gate_up, self.down)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -91,9 +91,8 @@ class ErnieMoeSparseBlock:
         weights, ids = self.ops.moe_route(
             x, self.router, self.correction_bias, self.top_k, self.norm_min
         )
-        out = self.ops.moe_experts(x, weights, ids, self.gate_up, self.down)
-        if self.shared is not None:
-            out = out + self.shared(x)  # unweighted
+        shared = None if self.shared is None else (self.shared.gate_up, self.shared.down)
+        out = self.ops.moe_experts(x, weights, ids, self.gate_up, self.down, shared)
         return self.tp.all_reduce(out)  # [T, H]
 
 

@@ -81,9 +81,14 @@ class Bf16ReferenceOps(NumpyOps):
         ids: np.ndarray,
         gate_up: np.ndarray,
         down: np.ndarray,
+        shared: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
+        """In float32 until one bf16 rounding at the end, the shared experts (their SiLU-mul
+        rounded, as on the GPU) included."""
         gate_up, down = np.asarray(gate_up), np.asarray(down)
         out = np.zeros(x.shape, np.float32)
+        if shared is not None:
+            out += self.silu_mul(x @ np.asarray(shared[0]).T) @ np.asarray(shared[1]).T
         for t in range(x.shape[0]):
             for k, e in enumerate(ids[t]):
                 act = self.silu_mul(x[t : t + 1] @ gate_up[e].T)  # [1, I], bf16 as on the GPU

@@ -1,4 +1,4 @@
-"""The decode weight-streaming kernels (csrc/gemv.cu, the decode path of csrc/moe.cu) against
+"""The decode weight-streaming kernels (csrc/gemv.cu, moe_decode.cu, the routing of moe.cu) against
 the NumPy references, on fresh random data of odd sizes with every output starting as NaN, and
 each replayed under a CUDA graph against its eager result."""
 
@@ -178,53 +178,73 @@ def skewed_ids(rng, t, e, k):
     return np.stack([rng.choice(e, k, replace=False, p=pop / pop.sum()) for _ in range(t)])
 
 
+def make_shared(rng, h, i_s):
+    gate_up = round_bf16((rng.standard_normal((2 * i_s, h)) / np.sqrt(h)).astype(np.float32))
+    down = round_bf16((rng.standard_normal((h, i_s)) / np.sqrt(i_s)).astype(np.float32))
+    return gate_up, down
+
+
+def draw_ids(rng, t, e, k, routing):
+    if routing == "skewed":
+        return skewed_ids(rng, t, e, k)
+    return np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
+
+
 @pytest.mark.parametrize("t", [1, 3, 12, 32, 128, 200])
 @pytest.mark.parametrize("routing", ["skewed", "uniform"])
 def test_decode_experts(ops, rng, t, routing):
-    # H, I multiples of 8 but not of 16 or 32. T = 200 stays below the experts' cuBLAS path
-    # (256 tokens, cupy_moe_prefill) and needs over 48 KB of shared memory in moe_gv_down.
-    h, i, e, k = 264, 200, 64, 6
+    # H, I multiples of 8 but not of 16 or 32; T = 200 stays below the experts' cuBLAS path
+    # (256 tokens, cupy_moe_prefill) and takes 7 chunks of 32 tokens in the shared slots.
+    # The shared intermediate (520) is 2.6 routed ones: its third slot is partial.
+    h, i, i_s, e, k = 264, 200, 520, 64, 6
     x = bf16_randn(rng, t, h)
     gate_up, down = make_experts(rng, e, h, i)
-    if routing == "skewed":
-        ids = skewed_ids(rng, t, e, k)
-    else:
-        ids = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
+    shared = make_shared(rng, h, i_s)
+    ids = draw_ids(rng, t, e, k, routing)
     w = rng.random((t, k)).astype(np.float32)
     w /= w.sum(-1, keepdims=True)
-    want = ref_bf16.moe_experts(x, w, ids, gate_up, down)
     ops.moe_gemv_max_tokens = cupy_moe.DECODE_MAX_TOKENS
     gd, dd = ops.linear_weight(gate_up, None), ops.linear_weight(down, None)
-    got = ops.moe_experts(ops.weight(x), ops.to_device(w), ops.to_device(ids), gd, dd)
+    args = (ops.weight(x), ops.to_device(w), ops.to_device(ids), gd, dd)
+    got = ops.moe_experts(*args)
+    assert_bf16_close(ops.to_host(got), ref_bf16.moe_experts(x, w, ids, gate_up, down))
+    both = tuple(ops.linear_weight(m, None) for m in shared)
+    got = ops.moe_experts(*args, both)
+    want = ref_bf16.moe_experts(x, w, ids, gate_up, down, shared)
     assert_bf16_close(ops.to_host(got), want)
 
 
-@pytest.mark.parametrize("gate_up_warps,down_warps,kparts", [(1, 1, 1), (3, 5, 3), (4, 8, 7)])
-def test_decode_experts_launch_variants(ops, rng, gate_up_warps, down_warps, kparts):
+@pytest.mark.parametrize("gate_up_warps,down_warps", [(1, 1), (3, 3), (4, 2)])
+def test_decode_experts_launch_variants(ops, rng, gate_up_warps, down_warps):
     t, h, i, e, k = 20, 136, 104, 16, 4
     x = bf16_randn(rng, t, h)
     gate_up, down = make_experts(rng, e, h, i)
+    shared = make_shared(rng, h, 2 * i)
     ids = skewed_ids(rng, t, e, k)
     w = rng.random((t, k)).astype(np.float32)
-    want = ref_bf16.moe_experts(x, w, ids, gate_up, down)
+    want = ref_bf16.moe_experts(x, w, ids, gate_up, down, shared)
     got = cupy_moe.decode_experts(
         ops.k, ops.weight(x), ops.to_device(w), ops.to_device(ids.astype(np.int32)),
-        ops.weight(gate_up), ops.weight(down), gate_up_warps, down_warps, kparts,
+        ops.weight(gate_up), ops.weight(down), tuple(ops.weight(m) for m in shared),
+        gate_up_warps, down_warps,
     )  # fmt: skip
     assert_bf16_close(ops.to_host(got), want)
 
 
-def test_decode_experts_at_model_size(ops, rng):
-    """ERNIE-4.5-21B-A3B's expert shapes (fewer experts), batch 32."""
-    t, h, i, e, k = 32, 2560, 1536, 8, 6
+@pytest.mark.parametrize("t", [1, 32])
+def test_decode_experts_at_model_size(ops, rng, t):
+    """ERNIE-4.5-21B-A3B's expert shapes (fewer experts), its two shared experts."""
+    h, i, e, k = 2560, 1536, 8, 6
     x = bf16_randn(rng, t, h)
     gate_up, down = make_experts(rng, e, h, i)
+    shared = make_shared(rng, h, 2 * i)
     ids = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
     w = rng.random((t, k)).astype(np.float32)
-    want = ref_bf16.moe_experts(x, w, ids, gate_up, down)
+    want = ref_bf16.moe_experts(x, w, ids, gate_up, down, shared)
     ops.moe_gemv_max_tokens = 32
     gd, dd = ops.linear_weight(gate_up, None), ops.linear_weight(down, None)
-    got = ops.moe_experts(ops.weight(x), ops.to_device(w), ops.to_device(ids), gd, dd)
+    both = tuple(ops.linear_weight(m, None) for m in shared)
+    got = ops.moe_experts(ops.weight(x), ops.to_device(w), ops.to_device(ids), gd, dd, both)
     assert_bf16_close(ops.to_host(got), want)
 
 
@@ -239,13 +259,15 @@ def test_moe_layer_replayed_in_a_cuda_graph(ops, rng, t):
     gate_up, down = make_experts(rng, e, h, i)
     rd, bd = ops.weight(router, fp32=True), ops.weight(bias, fp32=True)
     gd, dd = ops.linear_weight(gate_up, None), ops.linear_weight(down, None)
+    shared = make_shared(rng, h, 2 * i)
+    both = tuple(ops.linear_weight(m, None) for m in shared)
     xd = ops.weight(bf16_randn(rng, t, h))
     new_x = bf16_randn(rng, t, h)
     new_xd = ops.weight(new_x)
 
     def run() -> tuple:
         w, ids = ops.moe_route(xd, rd, bd, k, 1e-12)
-        return w, ids, ops.moe_experts(xd, w, ids, gd, dd)
+        return w, ids, ops.moe_experts(xd, w, ids, gd, dd, both)
 
     def update() -> None:
         xd[...] = new_xd
@@ -255,4 +277,4 @@ def test_moe_layer_replayed_in_a_cuda_graph(ops, rng, t):
     for g, want in zip((w, ids, out), eager):
         np.testing.assert_array_equal(g, want)
     route_reference_check(new_x, router, bias, k, 1e-12, w, ids)
-    assert_bf16_close(out, ref_bf16.moe_experts(new_x, w, ids, gate_up, down))
+    assert_bf16_close(out, ref_bf16.moe_experts(new_x, w, ids, gate_up, down, shared))

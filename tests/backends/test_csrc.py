@@ -1,0 +1,32 @@
+"""Source-level rules every csrc kernel must keep; checked on CPU, where CI compiles but never
+runs them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+KERNELS = [
+    (path.name, m.start())
+    for path in sorted(CSRC.glob("*.cu"))
+    for m in re.finditer(r'extern "C"', path.read_text())
+]
+
+
+def test_the_sources_hold_kernels():
+    assert len(KERNELS) >= 20
+
+
+@pytest.mark.parametrize("name,offset", KERNELS)
+def test_every_kernel_first_waits_for_the_kernel_before_it(name, offset):
+    """Decode graphs launch csrc kernels with programmatic dependent launch (cuda_launch.py):
+    a kernel touching memory before `pdl_start()` would race the kernel before it."""
+    text = (CSRC / name).read_text()
+    body = text[text.index("{", offset) + 1 :]
+    first = body.lstrip(" \\\n").split(";", 1)[0]
+    signature = text[offset : text.index("(", text.index("(", offset) + 1)]
+    assert first == "pdl_start()", f"{name}: {signature} starts with {first!r}"
