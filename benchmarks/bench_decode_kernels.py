@@ -292,6 +292,7 @@ def sweep_experts(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, n
     routes = [layers.route(j) for j in range(layers.copies)]
     variants = [{"gate_up_warps": w} for w in (2, 3, 4)]
     variants += [{"down_warps": dw} for dw in (1, 2, 3)]
+    variants += [{"token_tiles": nt} for nt in (1, 2, 4)]
     rows = []
     for kw in [{}, *variants]:
 

@@ -16,10 +16,12 @@
 #define PDSERVE_WEIGHT_STREAM_CUH
 #include "common.cuh"
 
-// 16 weight bytes, read once: bypass L1 so the activations that every warp re-reads stay there.
+// 16 weight bytes, read once: bypass L1 so the activations that every warp re-reads stay there,
+// and have L2 fetch 256 bytes at a time from DRAM (the rest of the row's segment follows soon;
+// measured on the H200: the experts of a batch of 32 from 81-82% of the copy rate to 86%).
 __device__ __forceinline__ u32x4 ld_weight(const bf16_t* p) {
   u32x4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;

@@ -84,7 +84,7 @@ def _one_wave_warps(k: Kernels, blocks: int, choices: tuple[int, ...]) -> int:
 
 def gate_up_act(
     k: Kernels, x: cp.ndarray, group: tuple, gate_up: cp.ndarray, shared_gate_up: cp.ndarray | None,
-    top_k: int, warps: int | None = None,
+    top_k: int, warps: int | None = None, token_tiles: int | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
     """silu(gate(x)) * up(x): for every pair, rows in the group's order, [P, I]; and for the
     shared experts (gate_up [2Is, H]) if given, [T, Is] (else the first again)."""
@@ -95,7 +95,7 @@ def gate_up_act(
     act = k.empty((group[0].size, inter), BF16)  # [P, I]
     act_s = k.empty((t, inter_s), BF16) if inter_s else act  # [T, Is]
     warps = warps or _one_wave_warps(k, slots * _cdiv(inter, 16), (4, 3, 2))
-    nt = _token_tiles(t)
+    nt = token_tiles or _token_tiles(t)
     k.launch("moe_decode.cu", f"moe_gate_up_nt{nt}", (slots, _cdiv(inter, 16)), 32 * warps,
              (x, *group, gate_up, gate_up if shared_gate_up is None else shared_gate_up, act,
               act_s, t, h, inter, inter_s, top_k, group[1].size, _cdiv(_cdiv(h, 32), warps)),
@@ -105,7 +105,7 @@ def gate_up_act(
 
 def down_proj(
     k: Kernels, act: cp.ndarray, act_s: cp.ndarray, group: tuple, down: cp.ndarray,
-    shared_down: cp.ndarray | None, t: int, warps: int = 4,
+    shared_down: cp.ndarray | None, t: int, warps: int = 4, token_tiles: int | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
     """Each pair's expert output [P, H] (rows in the group's order) and each shared slot's
     [n_shared, T, H] (else the first again), float32."""
@@ -114,7 +114,7 @@ def down_proj(
     n_shared = _cdiv(inter_s, inter)
     y = k.empty((act.shape[0], h), np.float32)  # [P, H]
     y_s = k.empty((n_shared, t, h), np.float32) if n_shared else y  # [n_shared, T, H]
-    nt = _token_tiles(t)
+    nt = token_tiles or _token_tiles(t)
     k.launch("moe_decode.cu", f"moe_down_nt{nt}", (group[1].size + n_shared, _cdiv(h, 16)),
              32 * warps, (act, act_s, *group[1:], down, down if shared_down is None else
                           shared_down, y, y_s, t, h, inter, inter_s, group[1].size,
@@ -148,6 +148,7 @@ def decode_experts(
     shared: tuple[cp.ndarray, cp.ndarray] | None = None,
     gate_up_warps: int | None = None,
     down_warps: int = 4,
+    token_tiles: int | None = None,
 ) -> cp.ndarray:
     """The decode experts path (csrc/moe_decode.cu): x [T, H] bf16, weights [T, K] f32, ids
     [T, K] int32 (all row-major), gate_up [E, 2I, H], down [E, H, I] bf16, and the shared
@@ -155,15 +156,15 @@ def decode_experts(
     [T, H] bf16, the shared experts' output added unweighted. Grids: one slot per expert a
     pair may touch (min(E, T * K); slots no expert fills exit at once) plus ceil(Is / I)
     shared slots, times I / 16 rows for gate_up and H / 16 for down. The keyword arguments
-    tune the launches (benchmarks)."""
+    tune the launches (benchmarks: token_tiles is 1, 2 or 4 tiles of 8 tokens a chunk)."""
     for w in (gate_up_warps, down_warps):
         if w is not None and not 1 <= w <= 4:
             raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
     pos = k.empty((ids.size,), np.int32)
     group = group_pairs(k, ids, gate_up.shape[0], pos)
     sgu, sdn = shared if shared is not None else (None, None)
-    act, act_s = gate_up_act(k, x, group, gate_up, sgu, ids.shape[1], gate_up_warps)
-    y, y_s = down_proj(k, act, act_s, group, down, sdn, x.shape[0], down_warps)
+    act, act_s = gate_up_act(k, x, group, gate_up, sgu, ids.shape[1], gate_up_warps, token_tiles)
+    y, y_s = down_proj(k, act, act_s, group, down, sdn, x.shape[0], down_warps, token_tiles)
     n_shared = 0 if sdn is None else _cdiv(sdn.shape[1], gate_up.shape[1] // 2)
     return combine(k, y, y_s, n_shared, pos, weights)
 
