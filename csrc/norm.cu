@@ -1,5 +1,9 @@
-// RMSNorm and fused residual add + RMSNorm, float32 statistics. One block per token row.
+// RMSNorm and fused residual add + RMSNorm, float32 statistics. One block per token row; each
+// thread keeps its (at most NORM_VALS) elements and their weights in registers, so a row costs
+// one round of loads, the block sum and one round of stores.
 #include "common.cuh"
+
+#define NORM_VALS 8  // H <= NORM_VALS * blockDim.x (the launch sizes the block so)
 
 // out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps)          x, out: [T, H] bf16; w: [H] bf16
 extern "C" __global__ void rms_norm(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
@@ -7,14 +11,20 @@ extern "C" __global__ void rms_norm(const bf16_t* __restrict__ x, const bf16_t* 
   pdl_start();
   __shared__ float scratch[32];
   const long long row = (long long)blockIdx.x * H;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    float v = bf2f(x[row + i]);
-    ss += v * v;
+  float v[NORM_VALS], wv[NORM_VALS], ss = 0.0f;
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    v[c] = i < H ? bf2f(x[row + i]) : 0.0f;
+    wv[c] = i < H ? bf2f(w[i]) : 0.0f;
+    ss += v[c] * v[c];
   }
   const float inv = rsqrtf(block_sum(ss, scratch) / (float)H + eps);
-  for (int i = threadIdx.x; i < H; i += blockDim.x)
-    out[row + i] = f2bf(bf2f(w[i]) * (bf2f(x[row + i]) * inv));
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    if (i < H) out[row + i] = f2bf(wv[c] * (v[c] * inv));
+  }
 }
 
 // res_out = x + residual (float32, the residual stream); out = rms_norm(res_out) in bf16.
@@ -26,17 +36,25 @@ extern "C" __global__ void add_rms_norm(const void* __restrict__ x, int x_f32,
   pdl_start();
   __shared__ float scratch[32];
   const long long row = (long long)blockIdx.x * H;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    const long long j = row + i;
-    float a = x_f32 ? ((const float*)x)[j] : bf2f(((const bf16_t*)x)[j]);
-    float r = res_f32 ? ((const float*)residual)[j] : bf2f(((const bf16_t*)residual)[j]);
-    float v = a + r;
-    res_out[j] = v;
-    ss += v * v;
+  float v[NORM_VALS], wv[NORM_VALS], ss = 0.0f;
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    v[c] = wv[c] = 0.0f;
+    if (i < H) {
+      const long long j = row + i;
+      const float a = x_f32 ? ((const float*)x)[j] : bf2f(((const bf16_t*)x)[j]);
+      const float r = res_f32 ? ((const float*)residual)[j] : bf2f(((const bf16_t*)residual)[j]);
+      v[c] = a + r;
+      wv[c] = bf2f(w[i]);
+      res_out[j] = v[c];
+      ss += v[c] * v[c];
+    }
   }
   const float inv = rsqrtf(block_sum(ss, scratch) / (float)H + eps);
-  // each thread reads back only the elements it wrote itself
-  for (int i = threadIdx.x; i < H; i += blockDim.x)
-    out[row + i] = f2bf(bf2f(w[i]) * (res_out[row + i] * inv));
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    if (i < H) out[row + i] = f2bf(wv[c] * (v[c] * inv));
+  }
 }

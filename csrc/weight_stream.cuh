@@ -90,16 +90,20 @@ __device__ __forceinline__ void mma_weights(float (&acc)[NW][NT][4], const Weigh
 // (callers clamp them and drop what clamped rows give). Whole groups of U steps are
 // double-buffered in registers, so each warp has U steps of weights in flight while it
 // multiplies the previous U (left to itself, ptxas sinks every load to just before its mma,
-// which leaves one step in flight). The last, partial steps go one at a time.
+// which leaves one step in flight). The last, partial steps go one at a time. With `wait`, the
+// first group of weights is loaded before pdl_start(): weights are never written, so they can
+// stream in while the kernel before this one finishes.
 template <int NW, int NT, int U>
 __device__ __forceinline__ void stream_k(float (&acc)[NW][NT][4], const bf16_t* const (&lo)[NW],
                                          const bf16_t* const (&hi)[NW],
-                                         const bf16_t* const (&x)[NT], int s0, int s1, int K) {
+                                         const bf16_t* const (&x)[NT], int s0, int s1, int K,
+                                         bool wait = false) {
   const int groups = max(0, (min(s1, K >> 5) - s0) / U);
   int s = s0;
+  WeightFrags<NW, U> cur;
+  if (groups > 0) load_weights(cur, lo, hi, s0 * 32);
+  if (wait) pdl_start();
   if (groups > 0) {
-    WeightFrags<NW, U> cur;
-    load_weights(cur, lo, hi, s0 * 32);
 #pragma unroll 1
     for (int gi = 1; gi <= groups; ++gi) {
       WeightFrags<NW, U> next;

@@ -15,7 +15,6 @@ import functools
 from pathlib import Path
 
 import cupy as cp
-import numpy as np
 from cupy_backends.cuda.libs import cublas  # noqa: F401  (loads CuPy's libcublas)
 
 CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType_t (library_types.h)
@@ -52,9 +51,7 @@ def _lib() -> ctypes.CDLL:
     ll = ctypes.c_longlong
     lib.cublasGemmStridedBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p,
                                                p, i, i, ll, i, i, i]  # fmt: skip
-    if hasattr(lib, "cublasGemmGroupedBatchedEx"):  # cuBLAS >= 12.5
-        lib.cublasGemmGroupedBatchedEx.argtypes = [p, p, p, p, p, p, p, p, i, p, p, i, p, p, p, i,
-                                                   p, i, p, i]  # fmt: skip
+    lib.cublasGemmBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i, i]
     return lib
 
 
@@ -81,14 +78,16 @@ class Cublas:
     def gemm_nt(
         self, m: int, n: int, k: int, x_ptr: int, ldx: int, w_ptr: int, ldw: int,
         out_ptr: int, ldo: int, out_type: int, accumulate: bool = False,
+        in_type: int = CUDA_R_16BF,
     ) -> None:  # fmt: skip
-        """Row-major out[m, n] (+)= x[m, k] @ w[n, k]^T, x and w bf16, float32 accumulation; ld*
-        are row strides in elements. In cuBLAS' column-major terms: out^T = w @ x^T."""
+        """Row-major out[m, n] (+)= x[m, k] @ w[n, k]^T, x and w of `in_type` (bf16, or float32
+        for a true float32 GEMM: CUBLAS_COMPUTE_32F never rounds to tf32), float32 accumulation;
+        ld* are row strides in elements. In cuBLAS' column-major terms: out^T = w @ x^T."""
         beta = self._one if accumulate else self._zero
         status = self._lib.cublasGemmEx(
             self._handle, _OP_T, _OP_N, n, m, k,
-            ctypes.byref(self._one), w_ptr, CUDA_R_16BF, ldw,
-            x_ptr, CUDA_R_16BF, ldx,
+            ctypes.byref(self._one), w_ptr, in_type, ldw,
+            x_ptr, in_type, ldx,
             ctypes.byref(beta), out_ptr, out_type, ldo,
             _COMPUTE_32F, _GEMM_DEFAULT,
         )  # fmt: skip
@@ -109,32 +108,19 @@ class Cublas:
         )  # fmt: skip
         _check(status, f"cublasGemmStridedBatchedEx ({batch} x {m}x{n}x{k})")
 
-    def gemm_grouped_nt(
-        self, ms: np.ndarray, n: int, k: int, x_ptrs: cp.ndarray, ldx: int, w_ptrs: cp.ndarray,
-        ldw: int, out_ptrs: cp.ndarray, ldo: int, out_type: int,
+    def gemm_pointers_nt(
+        self, batch: int, m: int, n: int, k: int, x_ptrs: int, ldx: int, w_ptrs: int, ldw: int,
+        out_ptrs: int, ldo: int, out_type: int,
     ) -> None:  # fmt: skip
-        """For each group g: row-major out_g[ms[g], n] = x_g[ms[g], k] @ w_g[n, k]^T in one call
-        (cublasGemmGroupedBatchedEx); the *_ptrs are device arrays of uint64 addresses."""
-        g = len(ms)
-        ops_t = np.full(g, _OP_T, np.int32)
-        ops_n = np.full(g, _OP_N, np.int32)
-        m_arr = np.full(g, n, np.int32)  # column-major: out^T [n, m] = w [n, k] @ x^T [k, m]
-        n_arr = np.ascontiguousarray(ms, np.int32)
-        k_arr = np.full(g, k, np.int32)
-        alpha, beta = np.ones(g, np.float32), np.zeros(g, np.float32)
-        ldw_a, ldx_a, ldo_a = (np.full(g, v, np.int32) for v in (ldw, ldx, ldo))
-        sizes = np.ones(g, np.int32)
-        c = np.ctypeslib.as_ctypes
-        status = self._lib.cublasGemmGroupedBatchedEx(
-            self._handle, c(ops_t), c(ops_n), c(m_arr), c(n_arr), c(k_arr), c(alpha),
-            w_ptrs.data.ptr, CUDA_R_16BF, c(ldw_a), x_ptrs.data.ptr, CUDA_R_16BF, c(ldx_a),
-            c(beta), out_ptrs.data.ptr, out_type, c(ldo_a), g, c(sizes), _COMPUTE_32F,
+        """For b < batch: row-major out_b[m, n] = x_b[m, k] @ w_b[n, k]^T, bf16 operands, one
+        call (cublasGemmBatchedEx); the *_ptrs are device addresses of device arrays of `batch`
+        uint64 addresses. Every entry has the same shape, so cuBLAS runs one kernel over all."""
+        status = self._lib.cublasGemmBatchedEx(
+            self._handle, _OP_T, _OP_N, n, m, k, ctypes.byref(self._one),
+            w_ptrs, CUDA_R_16BF, ldw, x_ptrs, CUDA_R_16BF, ldx,
+            ctypes.byref(self._zero), out_ptrs, out_type, ldo, batch, _COMPUTE_32F, _GEMM_DEFAULT,
         )  # fmt: skip
-        _check(status, f"cublasGemmGroupedBatchedEx ({g} groups, n={n}, k={k})")
-
-
-def has_grouped_gemm() -> bool:
-    return hasattr(_lib(), "cublasGemmGroupedBatchedEx")
+        _check(status, f"cublasGemmBatchedEx ({batch} x {m}x{n}x{k})")
 
 
 _handles: dict[tuple[int, int], Cublas] = {}

@@ -66,12 +66,9 @@ def paged_attention(
     kv_layer: cp.ndarray,
     batch: ForwardBatch,
     scale: float,
-    min_split_keys: int | None = None,
 ) -> cp.ndarray:
     """Causal GQA attention of q [T, heads, D] over the paged KV of each sequence: [T, heads, D]
-    bf16. `min_split_keys` is accepted for older callers and unused: decode splits are planned
-    to fill the GPU, and the prefill kernel does not split keys."""
-    del min_split_keys
+    bf16. Decode splits are planned to fill the GPU; the prefill kernel does not split keys."""
     _check(q, kv_layer)
     t, heads, d = q.shape
     kv_heads, block_size = kv_layer.shape[3], kv_layer.shape[2]

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import cupy as cp
 import numpy as np
 
-from pdserve.backends import cupy_attention, cupy_gemv, cupy_moe, cupy_moe_prefill
+from pdserve.backends import (
+    cupy_attention,
+    cupy_gemv,
+    cupy_moe,
+    cupy_moe_prefill,
+    cupy_route_prefill,
+)
 from pdserve.backends.base import Array, Ops
 from pdserve.backends.cupy_graphs import DecodeGraphs
 from pdserve.backends.cupy_kernels import (
@@ -62,21 +68,24 @@ def _threads(n: int) -> int:
     return min(1024, max(32, -(-n // 32) * 32))
 
 
+def _norm_threads(h: int) -> int:
+    """csrc/norm.cu's block for rows of h: every thread holds at most NORM_VALS (8) of them."""
+    if h > 8 * 1024:
+        raise ValueError(f"hidden size {h}: the cupy norms take at most 8192")
+    return _threads(-(-h // 8))
+
+
 class CupyOps(Ops):
     """`moe_gemv_max_tokens`: batches up to this many tokens take the GEMV experts path.
-    `min_split_keys`: the shortest key range attention splits a sequence into.
-    `moe_cublas_min_tokens`: passes of this many tokens or more (prefill) run the experts as one
-    cuBLAS GEMM per expert (backends/cupy_moe_prefill.py).
+    `moe_cublas_min_tokens`: passes of this many tokens or more (prefill) run the experts as
+    batched cuBLAS GEMMs over the pairs grouped by expert (backends/cupy_moe_prefill.py).
     `poison`: outputs start as NaN (tests use it to catch unwritten elements)."""
 
     name = "cupy"
 
-    def __init__(
-        self, moe_gemv_max_tokens: int = 128, min_split_keys: int = 256, poison: bool = False
-    ) -> None:
+    def __init__(self, moe_gemv_max_tokens: int = 128, poison: bool = False) -> None:
         self.k = Kernels(poison)
         self.moe_gemv_max_tokens = moe_gemv_max_tokens
-        self.min_split_keys = min_split_keys
         self.moe_cublas_min_tokens = cupy_moe_prefill.MIN_TOKENS
         self._inv_freq: dict[tuple[float, int], cp.ndarray] = {}
 
@@ -136,7 +145,7 @@ class CupyOps(Ops):
     def rms_norm(self, x: cp.ndarray, weight: cp.ndarray, eps: float) -> cp.ndarray:
         x = row_major(x)
         out = self.k.empty(x.shape, BF16)
-        self.k.launch("norm.cu", "rms_norm", (x.shape[0],), _threads(min(x.shape[1], 512)),
+        self.k.launch("norm.cu", "rms_norm", (x.shape[0],), _norm_threads(x.shape[1]),
                       (x, weight, out, x.shape[1], float(eps)))  # fmt: skip
         return out
 
@@ -150,7 +159,7 @@ class CupyOps(Ops):
         out = self.k.empty((t, h), BF16)  # [T, H] normalized
         res_out = self.k.empty((t, h), np.float32)  # [T, H] the residual stream
         args = (x, x_f32, residual, res_f32, weight, out, res_out, h, float(eps))
-        self.k.launch("norm.cu", "add_rms_norm", (t,), _threads(min(h, 512)), args)
+        self.k.launch("norm.cu", "add_rms_norm", (t,), _norm_threads(h), args)
         return out, res_out
 
     def linear(self, x: cp.ndarray, weight: CupyLinear | cp.ndarray) -> cp.ndarray:
@@ -206,9 +215,7 @@ class CupyOps(Ops):
     def paged_attention(
         self, q: cp.ndarray, kv_layer: cp.ndarray, batch: ForwardBatch, scale: float
     ) -> cp.ndarray:
-        return cupy_attention.paged_attention(
-            self.k, q, kv_layer, batch, scale, self.min_split_keys
-        )
+        return cupy_attention.paged_attention(self.k, q, kv_layer, batch, scale)
 
     def silu_mul(self, gate_up: cp.ndarray) -> cp.ndarray:
         gate_up = row_major(gate_up)
@@ -228,6 +235,8 @@ class CupyOps(Ops):
         top_k: int,
         norm_min: float,
     ) -> tuple[cp.ndarray, cp.ndarray]:
+        if cupy_route_prefill.applies(x.shape[0]):  # long prefill: one float32 GEMM
+            return cupy_route_prefill.moe_route(self.k, x, router, correction_bias, top_k, norm_min)
         return cupy_moe.moe_route(self.k, x, router, correction_bias, top_k, norm_min)
 
     def moe_experts(

@@ -118,20 +118,19 @@ def make_batch(to_device, seqs: list[tuple[int, int]], block_size: int, tables: 
 
 
 ATTENTION_CASES = {
-    # name: (sequences (cached, new), heads, kv_heads, head_dim, block_size, min_split_keys)
-    "prefill_with_prefixes": ([(0, 37), (21, 13), (50, 1), (5, 64)], 4, 2, 16, 16, 256),
-    "gqa5_d128": ([(17, 9), (0, 3), (130, 1), (64, 64)], 10, 2, 128, 16, 256),
-    "decode_long_split": ([(1000, 1), (77, 1), (300, 1), (15, 1), (16, 1)], 8, 1, 64, 16, 256),
-    "decode_gqa5_d128": ([(2047, 1), (129, 1), (1, 1)], 20, 4, 128, 64, 256),
-    "mixed_forced_splits": ([(40, 1), (33, 20), (0, 7), (100, 45)], 6, 3, 32, 8, 16),
-    "mha_block1": ([(3, 2), (0, 5), (9, 1)], 4, 4, 8, 1, 256),
+    # name: (sequences (cached, new), heads, kv_heads, head_dim, block_size)
+    "prefill_with_prefixes": ([(0, 37), (21, 13), (50, 1), (5, 64)], 4, 2, 16, 16),
+    "gqa5_d128": ([(17, 9), (0, 3), (130, 1), (64, 64)], 10, 2, 128, 16),
+    "decode_long_split": ([(1000, 1), (77, 1), (300, 1), (15, 1), (16, 1)], 8, 1, 64, 16),
+    "decode_gqa5_d128": ([(2047, 1), (129, 1), (1, 1)], 20, 4, 128, 64),
+    "mixed_decode_and_prefill": ([(40, 1), (33, 20), (0, 7), (100, 45)], 6, 3, 32, 8),
+    "mha_block1": ([(3, 2), (0, 5), (9, 1)], 4, 4, 8, 1),
 }
 
 
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_write_kv_and_paged_attention(ops, rng, case):
-    seqs, heads, kv_heads, d, bs, min_split = ATTENTION_CASES[case]
-    ops.min_split_keys = min_split
+    seqs, heads, kv_heads, d, bs = ATTENTION_CASES[case]
     need = [-(-(c + n) // bs) for c, n in seqs]
     num_blocks = sum(need) + 3
     ids = rng.permutation(num_blocks).tolist()  # blocks in random order, some unused
