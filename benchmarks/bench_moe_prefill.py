@@ -134,36 +134,43 @@ def bench_cublas(k: Kernels, peak: float) -> list[dict]:
 
 
 def bench_stages(k: Kernels) -> list[dict]:
-    """The memory-bound stages at 8192 tokens (49152 pairs, 57344 padded rows), old vs new."""
+    """The stages around the GEMMs at 8192 tokens (49152 pairs, 57344 padded rows), old vs new."""
     pairs, r = 8192 * K, 8192 * K + E * 128
     x, gu = randn((8192, H), 1.0), randn((r, 2 * I), 1.0)
     act, y = k.empty((r, I), BF16), randn((r, H), 1.0)
     w = cp.full((8192, K), 1.0 / K, np.float32)
     pos = cp.asarray(np.random.default_rng(0).permutation(r)[:pairs].astype(np.int32))
-    order = cp.arange(pairs, dtype=np.int32)
-    first = np.arange(0, r, 128)  # chunks of 128 rows over the pairs in order, then empty ones
-    meta = cp.asarray(np.concatenate([first, np.clip(pairs - first, 0, 128)]), np.int32)
-    xs, pos2 = k.empty((r, H), BF16), k.empty((pairs,), np.int32)
     ids = cp.asarray(routing(8192, "uniform"))
+    order = cp.arange(pairs, dtype=np.int32)
+    counts, rank = cp.zeros(E, np.int32), k.empty((pairs,), np.int32)
+    xs, pos2 = k.empty((r, H), BF16), k.empty((pairs,), np.int32)
 
     def old_silu() -> None:
         k.launch("elementwise.cu", "silu_mul", (8 * k.num_sms,), 256, (gu, act, I, np.int64(r * I)))
 
-    def gather() -> None:
-        k.launch("moe_chunks.cu", "moe_chunk_gather", (r // 8,), 256,
-                 (x, order, meta[: r // 128], meta[r // 128 :], xs, pos2, r, 128, H,
-                  K))  # fmt: skip
+    def count() -> None:
+        counts.fill(0)
+        k.launch("moe_chunks.cu", "moe_count_pairs", (4 * k.num_sms,), 256,
+                 (ids, counts, rank, pairs))  # fmt: skip
+
+    count()
+    base = (cp.cumsum(counts) - counts).astype(np.int32)  # [E] rows of each expert, unpadded
+
+    def scatter() -> None:
+        k.launch("moe_chunks.cu", "moe_scatter_rows", (pairs // 8,), 256,
+                 (x, ids, rank, base, xs, pos2, pairs, H, K))  # fmt: skip
 
     cases = {
         "silu_mul (elementwise.cu)": old_silu,
         "silu_mul_rows (new)": lambda: cupy_moe_prefill.silu_mul(k, gu, act),
         "chunk_combine (new)": lambda: cupy_moe_prefill.combine(k, y, pos, w),
         "gather: cupy take": lambda: x.view(np.uint16)[order // K].view(BF16),
-        "chunk_gather (new)": gather,
+        "scatter_rows (new)": scatter,
         "moe_group (moe.cu, one block)": lambda: group_pairs(k, ids, E),
+        "count_pairs (new, with memset)": count,
     }
     rows = []
-    print(f"\nmemory-bound stages at 8192 tokens\n{'stage':>34} {'us':>8}")
+    print(f"\nstages around the GEMMs at 8192 tokens\n{'stage':>34} {'us':>8}")
     for name, fn in cases.items():
         us = device_ms(fn) * 1e3
         rows.append({"stage": name, "us": us})

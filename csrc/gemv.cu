@@ -23,7 +23,7 @@ __device__ __forceinline__ void gemv(const bf16_t* __restrict__ x, long long ldx
 #pragma unroll
   for (int j = 0; j < NT; ++j) xr[j] = x + (8 * j + g < T ? 8 * j + g : 0) * ldx + 8 * q;
   float acc[1][NT][4] = {};
-  stream_k<1, NT, U>(acc, lo, hi, xr, s0, s1, K, true);  // pdl_start() after the first weights
+  stream_k<1, NT, U, true>(acc, lo, hi, xr, s0, s1, K);  // pdl_start() after the first weights
   store_part<NT>(part + warp * 16 * 8 * NT, acc[0]);
   __syncthreads();
   for (int i = threadIdx.x; i < 16 * T; i += blockDim.x) {

@@ -1,8 +1,8 @@
 // The data movement around cuBLAS in the prefill MoE (pdserve/backends/cupy_moe_prefill.py and
-// cupy_route_prefill.py): bf16 -> float32 for the router's float32 GEMM, the gather of token rows
-// into chunks of one expert each, SiLU-mul, and the weighted combine. All memory-bound: 16-byte
-// loads and stores where rows are multiples of 8 elements (the models' shapes), element by
-// element otherwise.
+// cupy_route_prefill.py): bf16 -> float32 for the router's float32 GEMM, counting the pairs by
+// expert, the gather of token rows into each expert's padded rows, SiLU-mul, and the weighted
+// combine. All memory-bound: 16-byte loads and stores where rows are multiples of 8 elements
+// (the models' shapes), element by element otherwise.
 #include "common.cuh"
 
 // two floats -> one word of two bf16 (the first at the lower address)
@@ -32,32 +32,37 @@ extern "C" __global__ void bf16_to_f32(const bf16_t* __restrict__ x, float* __re
   }
 }
 
-// Padded row r belongs to chunk c = r / C; its j = r % C-th row holds a pair if j < rows[c]:
-// the one at sorted[first[c] + j] (pair p = token * K + k). xs[r] = x[p / K] and pos[p] = r for
-// those, xs[r] = 0 for the rest (cuBLAS reads them; nobody reads what it writes for them).
-// x: [T, H] bf16; sorted: [P] pair ids grouped by expert; first, rows: [NC] int32;
-// xs: [NC * C, H] bf16; pos: [P] int32. Grid ceil(NC * C / 8), 256 threads: a warp a row.
-extern "C" __global__ void __launch_bounds__(256)
-    moe_chunk_gather(const bf16_t* __restrict__ x, const int* __restrict__ sorted,
-                     const int* __restrict__ first, const int* __restrict__ rows,
-                     bf16_t* __restrict__ xs, int* __restrict__ pos, int R, int C, int H, int K) {
+// rank[p] = the number of pairs before p that picked expert ids[p] (in an order that varies from
+// run to run; no result depends on it) and counts[e] += the pairs that picked e, counts starting
+// at zero. ids, rank: [P] int32; counts: [E] int32. Grid-stride, a thread a pair: one global
+// atomic a pair (moe.cu's moe_group does this in one block, 77 us for 49152 pairs).
+extern "C" __global__ void moe_count_pairs(const int* __restrict__ ids, int* __restrict__ counts,
+                                           int* __restrict__ rank, int P) {
   pdl_start();
-  const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5);
-  if (r >= R) return;
-  const int c = r / C, j = r - c * C;
-  const bf16_t* src = nullptr;
-  if (j < rows[c]) {
-    const int p = sorted[first[c] + j];
-    src = x + (long long)(p / K) * H;
-    if (lane == 0) pos[p] = r;
-  }
+  for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += gridDim.x * blockDim.x)
+    rank[p] = atomicAdd(&counts[ids[p]], 1);
+}
+
+// xs[r] = x[p / K] and pos[p] = r, r = base[ids[p]] + rank[p], for each pair p (p = token * K +
+// k): every expert's pairs land in its own rows from base[e] on. Rows no pair lands in (padding)
+// keep whatever they held: a GEMM's output row depends on its input row alone, and nothing reads
+// the padding's. x: [T, H] bf16; ids, rank, pos: [P] int32; base: [E] int32; xs: [R, H] bf16.
+// Grid ceil(P / 8), 256 threads: a warp a pair.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_scatter_rows(const bf16_t* __restrict__ x, const int* __restrict__ ids,
+                     const int* __restrict__ rank, const int* __restrict__ base,
+                     bf16_t* __restrict__ xs, int* __restrict__ pos, int P, int H, int K) {
+  pdl_start();
+  const int lane = threadIdx.x & 31, p = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (p >= P) return;
+  const int r = base[ids[p]] + rank[p];
+  if (lane == 0) pos[p] = r;
+  const bf16_t* src = x + (long long)(p / K) * H;
   bf16_t* dst = xs + (long long)r * H;
   if ((H & 7) == 0) {
-    const u32x4 zero = {0u, 0u, 0u, 0u};
-    for (int v = lane; v < (H >> 3); v += 32)
-      ((u32x4*)dst)[v] = src ? ((const u32x4*)src)[v] : zero;
+    for (int v = lane; v < (H >> 3); v += 32) ((u32x4*)dst)[v] = ((const u32x4*)src)[v];
   } else {
-    for (int h = lane; h < H; h += 32) dst[h] = src ? src[h] : (bf16_t)0;
+    for (int h = lane; h < H; h += 32) dst[h] = src[h];
   }
 }
 
@@ -80,11 +85,13 @@ extern "C" __global__ void silu_mul_rows(const bf16_t* __restrict__ gu,
   }
 }
 
-// out[t] = sum_k w[t, k] * y[pos[t * K + k]] in float32, k in order. y: [R, H] bf16 (padded
-// rows); pos: [T * K] int32; w: [T, K] float32; out: [T, H] bf16. Grid T, one block a token.
+// out[t] = sum_k w[t, k] * y[pos[t * K + k]] (+ addend[t] unless null) in float32, k in order.
+// y: [R, H] bf16 (padded rows); pos: [T * K] int32; w: [T, K] float32; addend, out: [T, H] bf16.
+// Grid T, one block a token.
 extern "C" __global__ void moe_chunk_combine(const bf16_t* __restrict__ y,
                                              const int* __restrict__ pos,
                                              const float* __restrict__ w,
+                                             const bf16_t* __restrict__ addend,
                                              bf16_t* __restrict__ out, int H, int K) {
   pdl_start();
   const long long t = blockIdx.x;
@@ -103,6 +110,17 @@ extern "C" __global__ void moe_chunk_combine(const bf16_t* __restrict__ y,
         s[6] += wk * lo_bf(a.w);
         s[7] += wk * hi_bf(a.w);
       }
+      if (addend) {
+        const u32x4 a = ((const u32x4*)(addend + t * H))[v];
+        s[0] += lo_bf(a.x);
+        s[1] += hi_bf(a.x);
+        s[2] += lo_bf(a.y);
+        s[3] += hi_bf(a.y);
+        s[4] += lo_bf(a.z);
+        s[5] += hi_bf(a.z);
+        s[6] += lo_bf(a.w);
+        s[7] += hi_bf(a.w);
+      }
       ((u32x4*)(out + t * H))[v] = u32x4{pack_bf(s[0], s[1]), pack_bf(s[2], s[3]),
                                          pack_bf(s[4], s[5]), pack_bf(s[6], s[7])};
     }
@@ -111,6 +129,7 @@ extern "C" __global__ void moe_chunk_combine(const bf16_t* __restrict__ y,
       float s = 0.0f;
       for (int k = 0; k < K; ++k)
         s += w[t * K + k] * bf2f(y[(long long)pos[t * K + k] * H + j]);
+      if (addend) s += bf2f(addend[t * H + j]);
       out[t * H + j] = f2bf(s);
     }
   }

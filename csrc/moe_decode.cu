@@ -69,8 +69,6 @@ __device__ __forceinline__ void moe_gate_up(
     bf16_t* __restrict__ act_shared, int T, int H, int I, int Is, int topk, int max_slots,
     int spw) {
   extern __shared__ float part[];  // [warps][gate, up][16][8 * NT]
-  // a shared slot's weights stream in before pdl_start(), a routed slot needs moe_group's output
-  if (blockIdx.x < max_slots) pdl_start();
   ExpertSlot s;
   if (!slot_of(s, blockIdx.x, slot_expert, slot_start, slot_count, gate_up, 2LL * I * H,
                shared_gate_up, T, I, Is, max_slots))
@@ -98,7 +96,7 @@ __device__ __forceinline__ void moe_gate_up(
       xr[j] = x + (long long)token_of(s, sorted, m < s.count ? m : 0, topk) * H + 8 * q;
     }
     float acc[2][NT][4] = {};
-    stream_k<2, NT, U>(acc, lo, hi, xr, s0, s1, H, s.shared && c0 == 0);
+    stream_k<2, NT, U>(acc, lo, hi, xr, s0, s1, H);
     store_part<NT>(part + (warp * 2) * 16 * TOK, acc[0]);
     store_part<NT>(part + (warp * 2 + 1) * 16 * TOK, acc[1]);
     __syncthreads();
@@ -199,7 +197,7 @@ extern "C" __global__ void moe_combine_decode(const float* __restrict__ y,
       const int* __restrict__ slot_count, const bf16_t* __restrict__ gate_up,                      \
       const bf16_t* __restrict__ shared_gate_up, bf16_t* __restrict__ act,                         \
       bf16_t* __restrict__ act_shared, int T, int H, int I, int Is, int topk, int max_slots,       \
-      int spw) {                                                                                   \
+      int spw) { pdl_start();                                                                      \
     moe_gate_up<NT, UG>(x, sorted, slot_expert, slot_start, slot_count, gate_up, shared_gate_up,   \
                         act, act_shared, T, H, I, Is, topk, max_slots, spw);                       \
   }                                                                                                \

@@ -16,12 +16,13 @@
 #define PDSERVE_WEIGHT_STREAM_CUH
 #include "common.cuh"
 
-// 16 weight bytes, read once: bypass L1 so the activations that every warp re-reads stay there,
-// and have L2 fetch 256 bytes at a time from DRAM (the rest of the row's segment follows soon;
-// measured on the H200: the experts of a batch of 32 from 81-82% of the copy rate to 86%).
+// 16 weight bytes, read once: bypass L1 so the activations that every warp re-reads stay there.
+// (Asking L2 for 256-byte fetches, .L2::256B, sped one MoE layer up 6% in
+// bench_decode_kernels.py but left whole decode steps as fast at batch 32 and 3% slower at 1
+// and 8, measured in one run on the H200: not used.)
 __device__ __forceinline__ u32x4 ld_weight(const bf16_t* p) {
   u32x4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
@@ -90,20 +91,19 @@ __device__ __forceinline__ void mma_weights(float (&acc)[NW][NT][4], const Weigh
 // (callers clamp them and drop what clamped rows give). Whole groups of U steps are
 // double-buffered in registers, so each warp has U steps of weights in flight while it
 // multiplies the previous U (left to itself, ptxas sinks every load to just before its mma,
-// which leaves one step in flight). The last, partial steps go one at a time. With `wait`, the
+// which leaves one step in flight). The last, partial steps go one at a time. With WAIT, the
 // first group of weights is loaded before pdl_start(): weights are never written, so they can
 // stream in while the kernel before this one finishes.
-template <int NW, int NT, int U>
+template <int NW, int NT, int U, bool WAIT = false>
 __device__ __forceinline__ void stream_k(float (&acc)[NW][NT][4], const bf16_t* const (&lo)[NW],
                                          const bf16_t* const (&hi)[NW],
-                                         const bf16_t* const (&x)[NT], int s0, int s1, int K,
-                                         bool wait = false) {
+                                         const bf16_t* const (&x)[NT], int s0, int s1, int K) {
   const int groups = max(0, (min(s1, K >> 5) - s0) / U);
   int s = s0;
-  WeightFrags<NW, U> cur;
-  if (groups > 0) load_weights(cur, lo, hi, s0 * 32);
-  if (wait) pdl_start();
   if (groups > 0) {
+    WeightFrags<NW, U> cur;
+    load_weights(cur, lo, hi, s0 * 32);
+    if (WAIT) pdl_start();
 #pragma unroll 1
     for (int gi = 1; gi <= groups; ++gi) {
       WeightFrags<NW, U> next;
@@ -113,6 +113,8 @@ __device__ __forceinline__ void stream_k(float (&acc)[NW][NT][4], const bf16_t* 
       if (more) cur = next;
     }
     s += groups * U;
+  } else if (WAIT) {
+    pdl_start();
   }
   const int q = threadIdx.x & 3;
 #pragma unroll 1

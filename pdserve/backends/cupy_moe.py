@@ -71,8 +71,9 @@ def group_pairs(
 
 def _token_tiles(t: int) -> int:
     """Tiles of 8 tokens per expert chunk: T bounds any expert's count; at T = 32 an expert
-    gets about 3 tokens, at 128 about 12, so 16 and 32 rarely need a second chunk."""
-    return 1 if t <= 8 else 2 if t <= 64 else 4
+    gets about 3 tokens, at 128 about 12. At T = 32 one tile (the shared slots re-read their
+    rows from L2 every 8 tokens) measured as fast as two (whose kernel spills registers)."""
+    return 1 if t <= 32 else 2 if t <= 64 else 4
 
 
 def _one_wave_warps(k: Kernels, blocks: int, choices: tuple[int, ...]) -> int:

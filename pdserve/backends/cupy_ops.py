@@ -258,9 +258,12 @@ class CupyOps(Ops):
             both = None if shared is None else tuple(row_major(_data(w)) for w in shared)
             return cupy_moe.decode_experts(self.k, *args, both)
         if t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t):
-            out = cupy_moe_prefill.moe_experts(self.k, *args)
-        else:
-            out = cupy_moe.moe_experts(self.k, *args, self.moe_gemv_max_tokens)
+            counted = cupy_moe_prefill.count(self.k, args[2], gate_up.shape[0])
+            # queued behind the counting: the GPU runs the shared experts while the host waits
+            # for the counts and plans the routed experts' GEMMs
+            addend = None if shared is None else self.mlp(x, *shared)
+            return cupy_moe_prefill.moe_experts(self.k, *args, counted=counted, addend=addend)
+        out = cupy_moe.moe_experts(self.k, *args, self.moe_gemv_max_tokens)
         return out if shared is None else out + self.mlp(x, *shared)
 
     # -- decode graphs and sampling ---------------------------------------------------------

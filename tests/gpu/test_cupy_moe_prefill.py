@@ -59,7 +59,16 @@ def test_prefill_experts_match_the_reference(rng, t, h, i, e, k, law):
     x, w, ids, gate_up, down = make_case(rng, t, h, i, e, k, law)
     want = NumpyOps().moe_experts(x, w, ids, gate_up, down)
     args = (ops.weight(x), ops.to_device(w), ops.to_device(ids))
-    got = ops.moe_experts(*args, ops.linear_weight(gate_up, None), ops.linear_weight(down, None))
+    experts = (ops.linear_weight(gate_up, None), ops.linear_weight(down, None))
+    got = ops.moe_experts(*args, *experts)
+    check(ops.to_host(got), want)
+    # with the shared experts, which run while the host waits for the counts, added in combine
+    shared = tuple(
+        round_bf16(rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1]))
+        for shape in ((4 * i, h), (h, 2 * i))
+    )
+    want = NumpyOps().moe_experts(x, w, ids, gate_up, down, shared)
+    got = ops.moe_experts(*args, *experts, tuple(ops.linear_weight(m, None) for m in shared))
     check(ops.to_host(got), want)
 
 
