@@ -8,10 +8,9 @@ copy is measured again at the start and reported beside it).
          `--sweep` adds the GEMV at T = 1 over warps per block for the small shapes;
   moe    one MoE layer (route + experts, 64 experts of 1536, top-6, random routing, and the
          two shared experts, one MLP of 3072) at T = 1, 8, 32, 128: the decode path as a whole,
-         as a CUDA graph, and kernel by kernel; the older paths (GEMV per (token, expert) pair;
-         grouped tensor-core GEMM; both with the shared experts as two GEMMs, SiLU-mul and an
-         add) for reference. The floor counts the experts the router really picked, per layer,
-         and the shared experts.
+         as a CUDA graph, and kernel by kernel; the older path (GEMV per (token, expert) pair,
+         with the shared experts as two GEMVs, SiLU-mul and an add) for reference. The floor
+         counts the experts the router really picked, per layer, and the shared experts.
 
 Timing: a spin kernel holds the GPU while the host queues the launches, so CUDA events time
 kernels back to back, gaps included (about what a graph node costs); the launches rotate over
@@ -219,11 +218,7 @@ def bench_moe(timer: Timer, k: Kernels, tokens: list[int], sweep: bool) -> list[
             x, gu, dn, shared = layers.x[j], layers.gate_up[j], layers.down[j], layers.shared[j]
             if path == "decode":
                 return cupy_moe.decode_experts(k, x, w, ids, gu, dn, shared)
-            if path == "gemm":
-                out = cupy_moe.moe_experts(k, x, w, ids, gu, dn, 0)
-            else:
-                out = pairs(k, x, w, ids, gu, dn)
-            return out + dense_mlp(k, x, *shared)
+            return pairs(k, x, w, ids, gu, dn) + dense_mlp(k, x, *shared)
 
         us = timer.per_launch_us(layer, nl)
         graph = timer.graph_us(layer, nl)
@@ -234,9 +229,6 @@ def bench_moe(timer: Timer, k: Kernels, tokens: list[int], sweep: bool) -> list[
         rows += stages(timer, k, layers, t, min(nl, 60), nbytes, extra)
         if sweep:
             rows += sweep_experts(timer, k, layers, t, nl, nbytes - E * H * 4, extra)
-        if t >= 8:
-            us = timer.per_launch_us(lambda i: layer(i, "gemm"), nl)
-            rows.append(row("moe", "layer", t, "grouped_gemm", us, nbytes, **extra))
         us = timer.per_launch_us(lambda i: layer(i, "pairs"), nl)
         rows.append(row("moe", "layer", t, "pairs_gemv", us, nbytes, **extra))
     return rows

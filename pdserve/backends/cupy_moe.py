@@ -1,12 +1,12 @@
-"""Mixture of experts on the GPU: routing and the experts paths of csrc/moe.cu and moe_decode.cu.
+"""Mixture of experts on the GPU: routing (csrc/moe.cu) and the experts of batches below the
+prefill path's size (csrc/moe_decode.cu; long prefills take cupy_moe_prefill.py).
 
 Expert ids and routing weights stay on the device, and every launch size comes from shapes
-(T, E, H, I), so the decode path is capturable in a CUDA graph. Up to `gemv_max_tokens` tokens
-(decode), the pairs are grouped by expert on the device and each touched expert's gate_up and
-down weights, and the shared experts', are streamed once, against all of their tokens
-(moe_group, then one launch for every gate_up with SiLU-mul fused, one for every down, and the
-weighted combine). Above it, each GEMM is one grouped tensor-core launch over all experts. Dims
-that are not multiples of 8 take GEMV kernels over (token, expert) pairs at any size.
+(T, E, H, I), so this path is capturable in a CUDA graph. The pairs are grouped by expert on the
+device and each touched expert's gate_up and down weights, and the shared experts', are streamed
+once, against all of their tokens (moe_group, then one launch for every gate_up with SiLU-mul
+fused, one for every down, and the weighted combine). Dims that are not multiples of 8 take GEMV
+kernels over (token, expert) pairs.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import numpy as np
 
 from pdserve.backends.cupy_kernels import BF16, Kernels, row_major
 
-TILE_ROWS = 64  # GM_BM in csrc/moe.cu
-TILE_COLS = 64  # GM_BN
 ROUTE_TOKENS = 8  # ROUTE_TOKENS in csrc/moe.cu
 ROUTE_SPLIT = 256  # ROUTE_SPLIT
 ROUTE_MAX_EXPERTS = 128  # 4 per lane of moe_topk's warp
-DECODE_MAX_TOKENS = 256  # decode_experts re-reads a slot's weights (from L2) every 32 tokens
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -170,9 +167,10 @@ def decode_experts(
     return combine(k, y, y_s, n_shared, pos, weights)
 
 
-def decode_path(t: int, h: int, inter: int, gemv_max_tokens: int) -> bool:
-    """Whether a pass of t tokens takes `decode_experts`."""
-    return 0 < t <= min(gemv_max_tokens, DECODE_MAX_TOKENS) and h % 8 == 0 and inter % 8 == 0
+def streams(h: int, inter: int) -> bool:
+    """Whether `decode_experts` takes experts of these dims (its 16-byte loads need multiples
+    of 8 elements)."""
+    return h % 8 == 0 and inter % 8 == 0
 
 
 def moe_experts(
@@ -182,39 +180,24 @@ def moe_experts(
     ids: cp.ndarray,
     gate_up: cp.ndarray,
     down: cp.ndarray,
-    gemv_max_tokens: int = 8,
 ) -> cp.ndarray:
     """sum_k weights[t, k] * down_e(silu_mul(gate_up_e(x[t]))), e = ids[t, k]: [T, H] bf16.
     gate_up: [E, 2I, H] bf16; down: [E, H, I] bf16."""
     x = row_major(x)
     t, h = x.shape
     top_k = ids.shape[1]
-    e, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    inter = gate_up.shape[1] // 2
     ids = row_major(ids, np.int32)
     weights = row_major(weights, np.float32)
-    pairs = t * top_k
-    if decode_path(t, h, inter, gemv_max_tokens):
+    if t > 0 and streams(h, inter):
         return decode_experts(k, x, weights, ids, gate_up, down)
-    out = k.empty((t, h), BF16)
-    if t <= gemv_max_tokens or h % 8 or inter % 8:  # by pairs: any dims, any size
-        act = k.empty((pairs, inter), BF16)
-        k.launch("moe.cu", "moe_gemv_gate_up", (pairs, -(-inter // 4)), 128,
-                 (x, ids, gate_up, act, h, inter, top_k))  # fmt: skip
-        k.launch("moe.cu", "moe_gemv_down", (t, -(-h // 4)), 128,
-                 (act, ids, weights, down, out, h, inter, top_k))  # fmt: skip
+    out = k.empty((t, h), BF16)  # by pairs: any dims
+    pairs = t * top_k
+    if pairs == 0:
         return out
-    # every expert adds at most one partial tile
-    max_tiles = pairs // TILE_ROWS + e + 1
-    order = k.empty((pairs,), np.int32)
-    tile_expert, tile_start, tile_end = (k.empty((max_tiles,), np.int32) for _ in range(3))
-    tiles = (tile_expert, tile_start, tile_end)
-    k.launch("moe.cu", "moe_align", (1,), 1024,
-             (ids, pairs, e, TILE_ROWS, max_tiles, order, *tiles), shared=12 * e)  # fmt: skip
-    act = k.empty((pairs, inter), BF16)  # rows in expert order
-    k.launch("moe.cu", "moe_gemm_gate_up", (max_tiles, -(-inter // TILE_COLS)), 128,
-             (x, order, *tiles, gate_up, act, h, inter, top_k))  # fmt: skip
-    y = k.empty((pairs, h), np.float32)  # rows by pair
-    k.launch("moe.cu", "moe_gemm_down", (max_tiles, -(-h // TILE_COLS)), 128,
-             (act, order, *tiles, down, y, h, inter))  # fmt: skip
-    k.launch("moe.cu", "moe_combine", (t,), 256, (y, weights, out, h, top_k))
+    act = k.empty((pairs, inter), BF16)
+    k.launch("moe.cu", "moe_gemv_gate_up", (pairs, -(-inter // 4)), 128,
+             (x, ids, gate_up, act, h, inter, top_k))  # fmt: skip
+    k.launch("moe.cu", "moe_gemv_down", (t, -(-h // 4)), 128,
+             (act, ids, weights, down, out, h, inter, top_k))  # fmt: skip
     return out

@@ -76,16 +76,15 @@ def _norm_threads(h: int) -> int:
 
 
 class CupyOps(Ops):
-    """`moe_gemv_max_tokens`: batches up to this many tokens take the GEMV experts path.
-    `moe_cublas_min_tokens`: passes of this many tokens or more (prefill) run the experts as
-    batched cuBLAS GEMMs over the pairs grouped by expert (backends/cupy_moe_prefill.py).
+    """`moe_cublas_min_tokens`: passes of this many tokens or more (prefill) run the experts as
+    batched cuBLAS GEMMs over the pairs grouped by expert (backends/cupy_moe_prefill.py); smaller
+    ones stream the experts' weights (backends/cupy_moe.py).
     `poison`: outputs start as NaN (tests use it to catch unwritten elements)."""
 
     name = "cupy"
 
-    def __init__(self, moe_gemv_max_tokens: int = 128, poison: bool = False) -> None:
+    def __init__(self, poison: bool = False) -> None:
         self.k = Kernels(poison)
-        self.moe_gemv_max_tokens = moe_gemv_max_tokens
         self.moe_cublas_min_tokens = cupy_moe_prefill.MIN_TOKENS
         self._inv_freq: dict[tuple[float, int], cp.ndarray] = {}
 
@@ -252,18 +251,20 @@ class CupyOps(Ops):
         t, inter = x.shape[0], gate_up.shape[1] // 2
         args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
                 row_major(gate_up), row_major(down))  # fmt: skip
-        if cupy_moe.decode_path(t, x.shape[1], inter, self.moe_gemv_max_tokens) and (
-            shared is None or _data(shared[1]).shape[1] % 8 == 0
-        ):  # the shared experts stream in the same launches as the routed ones
-            both = None if shared is None else tuple(row_major(_data(w)) for w in shared)
-            return cupy_moe.decode_experts(self.k, *args, both)
         if t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t):
             counted = cupy_moe_prefill.count(self.k, args[2], gate_up.shape[0])
             # queued behind the counting: the GPU runs the shared experts while the host waits
             # for the counts and plans the routed experts' GEMMs
             addend = None if shared is None else self.mlp(x, *shared)
             return cupy_moe_prefill.moe_experts(self.k, *args, counted=counted, addend=addend)
-        out = cupy_moe.moe_experts(self.k, *args, self.moe_gemv_max_tokens)
+        if (
+            t > 0
+            and cupy_moe.streams(x.shape[1], inter)
+            and (shared is None or cupy_moe.streams(x.shape[1], _data(shared[1]).shape[1]))
+        ):  # the shared experts stream in the same launches as the routed ones
+            both = None if shared is None else tuple(row_major(_data(w)) for w in shared)
+            return cupy_moe.decode_experts(self.k, *args, both)
+        out = cupy_moe.moe_experts(self.k, *args)
         return out if shared is None else out + self.mlp(x, *shared)
 
     # -- decode graphs and sampling ---------------------------------------------------------

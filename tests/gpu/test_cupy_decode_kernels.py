@@ -203,7 +203,6 @@ def test_decode_experts(ops, rng, t, routing):
     ids = draw_ids(rng, t, e, k, routing)
     w = rng.random((t, k)).astype(np.float32)
     w /= w.sum(-1, keepdims=True)
-    ops.moe_gemv_max_tokens = cupy_moe.DECODE_MAX_TOKENS
     gd, dd = ops.linear_weight(gate_up, None), ops.linear_weight(down, None)
     args = (ops.weight(x), ops.to_device(w), ops.to_device(ids), gd, dd)
     got = ops.moe_experts(*args)
@@ -241,7 +240,6 @@ def test_decode_experts_at_model_size(ops, rng, t):
     ids = np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
     w = rng.random((t, k)).astype(np.float32)
     want = ref_bf16.moe_experts(x, w, ids, gate_up, down, shared)
-    ops.moe_gemv_max_tokens = 32
     gd, dd = ops.linear_weight(gate_up, None), ops.linear_weight(down, None)
     both = tuple(ops.linear_weight(m, None) for m in shared)
     got = ops.moe_experts(ops.weight(x), ops.to_device(w), ops.to_device(ids), gd, dd, both)
@@ -253,7 +251,6 @@ def test_moe_layer_replayed_in_a_cuda_graph(ops, rng, t):
     """Route + experts captured as one graph: the same ids, weights and outputs as eager on
     the new inputs, and the output right against the reference."""
     h, i, e, k = 264, 200, 64, 6
-    ops.moe_gemv_max_tokens = cupy_moe.DECODE_MAX_TOKENS
     router = (rng.standard_normal((e, h)) / np.sqrt(h)).astype(np.float32)
     bias = (0.05 * rng.standard_normal(e)).astype(np.float32)
     gate_up, down = make_experts(rng, e, h, i)
