@@ -45,11 +45,23 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to sockets bound to port 0 or connecting."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port_range(n: int, avoid: frozenset[int] = frozenset()) -> int:
-    """A base port b with b..b+n-1 all free on 127.0.0.1 (when checked) and none in `avoid`."""
+    """A base port b with b..b+n-1 all free on 127.0.0.1 (when checked) and none in `avoid`.
+    Drawn below the ephemeral range: a port in it that is free when checked can still go to
+    another process's outgoing connection before the node binds it."""
     rng = random.Random()
+    top = max(12000, min(_ephemeral_low(), 65536)) - n
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
+        base = rng.randrange(10000, top)
         if avoid & set(range(base, base + n)):
             continue
         socks: list[socket.socket] = []
