@@ -249,15 +249,14 @@ def stages(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, nbytes: 
         ev[0].record()
         w, ids = layers.route(i)
         ev[1].record()
-        pos = k.empty((ids.size,), np.int32)
-        group = cupy_moe.group_pairs(k, ids, E, pos)
+        group, pos = cupy_moe.group_pairs(k, ids, E)
         ev[2].record()
         gu, dn = layers.shared[j]
         act, act_s = cupy_moe.gate_up_act(k, layers.x[j], group, layers.gate_up[j], gu, TOP_K)
         ev[3].record()
         y, y_s = cupy_moe.down_proj(k, act, act_s, group, layers.down[j], dn, t)
         ev[4].record()
-        cupy_moe.combine(k, y, y_s, 2, pos, w)
+        cupy_moe.combine(k, y, y_s, pos, w)
         ev[5].record()
         events.append(ev)
     held = not events[0][0].done

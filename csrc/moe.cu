@@ -147,7 +147,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // Groups the P = T * K pairs by expert for the decode kernels of moe_decode.cu: slot s < n (n the
 // number of experts any pair picked, in increasing id order) is expert slot_expert[s], whose
 // pairs are sorted[slot_start[s] .. + slot_count[s]]; slot_expert[s] = -1 for n <= s <
-// max_slots; pos[p] (unless null) is the position of pair p in `sorted`. The order of pairs
+// max_slots; pos[p] is the position of pair p in `sorted`. The order of pairs
 // inside an expert varies from run to run; no result depends on it. One block; dynamic shared
 // memory 3E ints.
 extern "C" __global__ void moe_group(const int* __restrict__ ids, int P, int E, int max_slots,
@@ -190,7 +190,7 @@ extern "C" __global__ void moe_group(const int* __restrict__ ids, int P, int E, 
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
     const int e = ids[p], i = offsets[e] + atomicAdd(&cursor[e], 1);
     sorted[i] = p;
-    if (pos) pos[p] = i;
+    pos[p] = i;
   }
 }
 

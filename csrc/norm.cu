@@ -5,11 +5,25 @@
 
 #define NORM_VALS 8  // H <= NORM_VALS * blockDim.x (the launch sizes the block so)
 
+// out[row + i] = bf16(wv * v * rsqrt(ss over the block / H + eps)) for this thread's values v
+// (element i = threadIdx.x + c * blockDim.x) and weights wv; ss is its share of the squares.
+__device__ __forceinline__ void store_normed(const float (&v)[NORM_VALS],
+                                             const float (&wv)[NORM_VALS], float ss,
+                                             bf16_t* __restrict__ out, long long row, int H,
+                                             float eps) {
+  __shared__ float scratch[32];
+  const float inv = rsqrtf(block_sum(ss, scratch) / (float)H + eps);
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    if (i < H) out[row + i] = f2bf(wv[c] * (v[c] * inv));
+  }
+}
+
 // out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps)          x, out: [T, H] bf16; w: [H] bf16
 extern "C" __global__ void rms_norm(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
                                     bf16_t* __restrict__ out, int H, float eps) {
   pdl_start();
-  __shared__ float scratch[32];
   const long long row = (long long)blockIdx.x * H;
   float v[NORM_VALS], wv[NORM_VALS], ss = 0.0f;
 #pragma unroll
@@ -19,12 +33,7 @@ extern "C" __global__ void rms_norm(const bf16_t* __restrict__ x, const bf16_t* 
     wv[c] = i < H ? bf2f(w[i]) : 0.0f;
     ss += v[c] * v[c];
   }
-  const float inv = rsqrtf(block_sum(ss, scratch) / (float)H + eps);
-#pragma unroll
-  for (int c = 0; c < NORM_VALS; ++c) {
-    const int i = threadIdx.x + c * blockDim.x;
-    if (i < H) out[row + i] = f2bf(wv[c] * (v[c] * inv));
-  }
+  store_normed(v, wv, ss, out, row, H, eps);
 }
 
 // res_out = x + residual (float32, the residual stream); out = rms_norm(res_out) in bf16.
@@ -34,7 +43,6 @@ extern "C" __global__ void add_rms_norm(const void* __restrict__ x, int x_f32,
                                         const bf16_t* __restrict__ w, bf16_t* __restrict__ out,
                                         float* __restrict__ res_out, int H, float eps) {
   pdl_start();
-  __shared__ float scratch[32];
   const long long row = (long long)blockIdx.x * H;
   float v[NORM_VALS], wv[NORM_VALS], ss = 0.0f;
 #pragma unroll
@@ -51,10 +59,5 @@ extern "C" __global__ void add_rms_norm(const void* __restrict__ x, int x_f32,
       ss += v[c] * v[c];
     }
   }
-  const float inv = rsqrtf(block_sum(ss, scratch) / (float)H + eps);
-#pragma unroll
-  for (int c = 0; c < NORM_VALS; ++c) {
-    const int i = threadIdx.x + c * blockDim.x;
-    if (i < H) out[row + i] = f2bf(wv[c] * (v[c] * inv));
-  }
+  store_normed(v, wv, ss, out, row, H, eps);
 }

@@ -101,10 +101,11 @@ class Kernels:
         kernel = _kernel(file, name)
         if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:
             kernel.max_dynamic_shared_size_bytes = shared
+        args = tuple(map(_arg, args))
         if self.overlap:
-            launch_overlapped(kernel.kernel.ptr, grid, block, tuple(map(_arg, args)), shared)
+            launch_overlapped(kernel.kernel.ptr, grid, block, args, shared)
         else:
-            kernel(grid, (block,), tuple(_arg(a) for a in args), shared_mem=shared)
+            kernel(grid, (block,), args, shared_mem=shared)
 
 
 def row_major(x: cp.ndarray, dtype: np.dtype = BF16) -> cp.ndarray:

@@ -25,6 +25,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def check_route(e: int, top_k: int) -> None:
+    """The routers' limits: top_k in [1, min(E, 32)], E <= ROUTE_MAX_EXPERTS."""
+    if not 1 <= top_k <= min(e, 32):
+        raise ValueError(f"moe_k {top_k} must be in [1, {min(e, 32)}]")
+    if e > ROUTE_MAX_EXPERTS:
+        raise ValueError(f"{e} experts: the cupy router takes at most {ROUTE_MAX_EXPERTS}")
+
+
+def topk(
+    k: Kernels, logits: cp.ndarray, bias: cp.ndarray, top_k: int, norm_min: float
+) -> tuple[cp.ndarray, cp.ndarray]:
+    """moe_topk over router logits [S, T, E] float32 given as S slices that add up: (weights
+    [T, K] float32, expert ids [T, K] int32)."""
+    splits, t, e = logits.shape
+    weights = k.empty((t, top_k), np.float32)
+    ids = k.empty((t, top_k), np.int32)
+    if t > 0:
+        k.launch("moe.cu", "moe_topk", (_cdiv(t, 8),), 256,
+                 (logits, splits, row_major(bias.reshape(-1), np.float32), weights, ids, t, e,
+                  top_k, float(norm_min)))  # fmt: skip
+    return weights, ids
+
+
 def moe_route(
     k: Kernels, x: cp.ndarray, router: cp.ndarray, bias: cp.ndarray, top_k: int, norm_min: float
 ) -> tuple[cp.ndarray, cp.ndarray]:
@@ -32,38 +55,26 @@ def moe_route(
     x = row_major(x)
     t, h = x.shape
     e = router.shape[0]
-    if not 1 <= top_k <= min(e, 32):
-        raise ValueError(f"moe_k {top_k} must be in [1, {min(e, 32)}]")
-    if e > ROUTE_MAX_EXPERTS:
-        raise ValueError(f"{e} experts: the cupy router takes at most {ROUTE_MAX_EXPERTS}")
-    weights = k.empty((t, top_k), np.float32)
-    ids = k.empty((t, top_k), np.int32)
-    if t == 0:
-        return weights, ids
+    check_route(e, top_k)
     splits = _cdiv(h, ROUTE_SPLIT)
     partial = k.empty((splits, t, e), np.float32)  # [S, T, E] logits by slice of H
-    k.launch("moe.cu", "moe_router_logits", (_cdiv(e, 8), splits, _cdiv(t, ROUTE_TOKENS)), 256,
-             (x, row_major(router, np.float32), partial, t, h, e))  # fmt: skip
-    k.launch("moe.cu", "moe_topk", (_cdiv(t, 8),), 256,
-             (partial, splits, row_major(bias.reshape(-1), np.float32), weights, ids, t, e,
-              top_k, float(norm_min)))  # fmt: skip
-    return weights, ids
+    if t > 0:
+        k.launch("moe.cu", "moe_router_logits", (_cdiv(e, 8), splits, _cdiv(t, ROUTE_TOKENS)),
+                 256, (x, row_major(router, np.float32), partial, t, h, e))  # fmt: skip
+    return topk(k, partial, bias, top_k, norm_min)
 
 
-def group_pairs(
-    k: Kernels, ids: cp.ndarray, e: int, pos: cp.ndarray | None = None
-) -> tuple[cp.ndarray, ...]:
-    """The T * K pairs of ids [T, K] int32 grouped by expert on the device: (order [P], and
-    per slot s < min(E, P): expert [-1 past the touched ones], start, count); see moe_group.
-    `pos` [P] int32, if given, gets each pair's position in `order`."""
+def group_pairs(k: Kernels, ids: cp.ndarray, e: int) -> tuple[tuple[cp.ndarray, ...], cp.ndarray]:
+    """The T * K pairs of ids [T, K] int32 grouped by expert on the device: ((order [P], and
+    per slot s < min(E, P): expert [-1 past the touched ones], start, count), pos [P], each
+    pair's position in order); see moe_group."""
     pairs = ids.size
     slots = min(e, pairs)
-    order = k.empty((pairs,), np.int32)
+    order, pos = k.empty((pairs,), np.int32), k.empty((pairs,), np.int32)
     group = (order, *(k.empty((slots,), np.int32) for _ in range(3)))
-    k.launch("moe.cu", "moe_group", (1,), 256,
-             (ids, pairs, e, slots, *group, np.uint64(0) if pos is None else pos),
+    k.launch("moe.cu", "moe_group", (1,), 256, (ids, pairs, e, slots, *group, pos),
              shared=12 * e)  # fmt: skip
-    return group
+    return group, pos
 
 
 def _token_tiles(t: int) -> int:
@@ -85,13 +96,13 @@ def gate_up_act(
     top_k: int, warps: int | None = None, token_tiles: int | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
     """silu(gate(x)) * up(x): for every pair, rows in the group's order, [P, I]; and for the
-    shared experts (gate_up [2Is, H]) if given, [T, Is] (else the first again)."""
+    shared experts (gate_up [2Is, H]) if given, [T, Is] (else [T, 0])."""
     t, h = x.shape
     inter = gate_up.shape[1] // 2
     inter_s = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
     slots = group[1].size + _cdiv(inter_s, inter)
     act = k.empty((group[0].size, inter), BF16)  # [P, I]
-    act_s = k.empty((t, inter_s), BF16) if inter_s else act  # [T, Is]
+    act_s = k.empty((t, inter_s), BF16)  # [T, Is]
     warps = warps or _one_wave_warps(k, slots * _cdiv(inter, 16), (4, 3, 2))
     nt = token_tiles or _token_tiles(t)
     k.launch("moe_decode.cu", f"moe_gate_up_nt{nt}", (slots, _cdiv(inter, 16)), 32 * warps,
@@ -106,12 +117,12 @@ def down_proj(
     shared_down: cp.ndarray | None, t: int, warps: int = 4, token_tiles: int | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
     """Each pair's expert output [P, H] (rows in the group's order) and each shared slot's
-    [n_shared, T, H] (else the first again), float32."""
+    [n_shared, T, H] (n_shared = 0 without shared experts), float32."""
     h, inter = down.shape[1], down.shape[2]
     inter_s = 0 if shared_down is None else shared_down.shape[1]
     n_shared = _cdiv(inter_s, inter)
     y = k.empty((act.shape[0], h), np.float32)  # [P, H]
-    y_s = k.empty((n_shared, t, h), np.float32) if n_shared else y  # [n_shared, T, H]
+    y_s = k.empty((n_shared, t, h), np.float32)  # [n_shared, T, H]
     nt = token_tiles or _token_tiles(t)
     k.launch("moe_decode.cu", f"moe_down_nt{nt}", (group[1].size + n_shared, _cdiv(h, 16)),
              32 * warps, (act, act_s, *group[1:], down, down if shared_down is None else
@@ -122,11 +133,11 @@ def down_proj(
 
 
 def combine(
-    k: Kernels, y: cp.ndarray, y_s: cp.ndarray, n_shared: int, pos: cp.ndarray,
-    weights: cp.ndarray,
-) -> cp.ndarray:  # fmt: skip
+    k: Kernels, y: cp.ndarray, y_s: cp.ndarray, pos: cp.ndarray, weights: cp.ndarray
+) -> cp.ndarray:
     """[T, H] bf16: each token's pairs' outputs by their weights, plus its shared outputs."""
     t, top_k = weights.shape
+    n_shared = y_s.shape[0]
     h = y.shape[1]
     out = k.empty((t, h), BF16)
     if top_k > 32:
@@ -158,13 +169,11 @@ def decode_experts(
     for w in (gate_up_warps, down_warps):
         if w is not None and not 1 <= w <= 4:
             raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
-    pos = k.empty((ids.size,), np.int32)
-    group = group_pairs(k, ids, gate_up.shape[0], pos)
+    group, pos = group_pairs(k, ids, gate_up.shape[0])
     sgu, sdn = shared if shared is not None else (None, None)
     act, act_s = gate_up_act(k, x, group, gate_up, sgu, ids.shape[1], gate_up_warps, token_tiles)
     y, y_s = down_proj(k, act, act_s, group, down, sdn, x.shape[0], down_warps, token_tiles)
-    n_shared = 0 if sdn is None else _cdiv(sdn.shape[1], gate_up.shape[1] // 2)
-    return combine(k, y, y_s, n_shared, pos, weights)
+    return combine(k, y, y_s, pos, weights)
 
 
 def streams(h: int, inter: int) -> bool:

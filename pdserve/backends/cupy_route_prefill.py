@@ -17,7 +17,7 @@ import numpy as np
 
 from pdserve.backends.cublas_capturable import CUDA_R_32F, current
 from pdserve.backends.cupy_kernels import Kernels, row_major
-from pdserve.backends.cupy_moe import ROUTE_MAX_EXPERTS
+from pdserve.backends.cupy_moe import check_route, topk
 
 # H200, H = 2560, 64 experts: decode kernels 43 / 61 / 110 / 546 us at 512 / 1024 / 2048 / 8192
 # tokens, this path 72 / 60 / 65 / 138 us.
@@ -37,22 +37,12 @@ def moe_route(
     x = row_major(x)
     t, h = x.shape
     e = router.shape[0]
-    if not 1 <= top_k <= min(e, 32):
-        raise ValueError(f"moe_k {top_k} must be in [1, {min(e, 32)}]")
-    if e > ROUTE_MAX_EXPERTS:
-        raise ValueError(f"{e} experts: the cupy router takes at most {ROUTE_MAX_EXPERTS}")
-    weights = k.empty((t, top_k), np.float32)
-    ids = k.empty((t, top_k), np.int32)
-    if t == 0:
-        return weights, ids
-    router = row_major(router, np.float32)
+    check_route(e, top_k)
     xf = cp.empty((t, h), np.float32)  # [T, H], every element written
-    k.launch("moe_chunks.cu", "bf16_to_f32", (min(-(-t * h // 2048), 8 * k.num_sms),), 256,
-             (x, xf, np.int64(t * h)))  # fmt: skip
-    logits = k.empty((t, e), np.float32)  # [T, E]
-    current().gemm_nt(t, e, h, xf.data.ptr, h, router.data.ptr, h, logits.data.ptr, e,
-                      CUDA_R_32F, in_type=CUDA_R_32F)  # fmt: skip
-    k.launch("moe.cu", "moe_topk", (-(-t // 8),), 256,
-             (logits, 1, row_major(bias.reshape(-1), np.float32), weights, ids, t, e, top_k,
-              float(norm_min)))  # fmt: skip
-    return weights, ids
+    logits = k.empty((1, t, e), np.float32)  # [1, T, E]: one slice for moe_topk
+    if t > 0:
+        k.launch("moe_chunks.cu", "bf16_to_f32", (min(-(-t * h // 2048), 8 * k.num_sms),), 256,
+                 (x, xf, np.int64(t * h)))  # fmt: skip
+        current().gemm_nt(t, e, h, xf.data.ptr, h, row_major(router, np.float32).data.ptr, h,
+                          logits.data.ptr, e, CUDA_R_32F, in_type=CUDA_R_32F)  # fmt: skip
+    return topk(k, logits, bias, top_k, norm_min)
