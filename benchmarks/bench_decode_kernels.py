@@ -33,7 +33,7 @@ import cupy as cp
 import numpy as np
 
 from pdserve.backends import cupy_gemv, cupy_moe
-from pdserve.backends.cupy_kernels import BF16, Kernels, _kernel, gemm, row_major
+from pdserve.backends.cupy_kernels import BF16, Kernels, Pending, _kernel, gemm, row_major
 
 BANDWIDTH = 4.2e12  # bytes/s: the floor's copy bandwidth (DESIGN.md 5a)
 H, I_MOE, E, TOP_K = 2560, 1536, 64, 6
@@ -196,6 +196,12 @@ class MoELayers:
         counts = [len(np.unique(cp.asnumpy(self.route(j)[1]))) for j in range(self.copies)]
         return float(np.mean(counts))
 
+    def shared_side(self, i: int, token_tiles: int | None = None) -> Pending:
+        """Layer i's shared experts, started on the side stream (as CupyOps.moe does)."""
+        j = i % self.copies
+        return self.k.on_side(cupy_moe.shared_experts, self.k, self.x[j], I_MOE,
+                              *self.shared[j], None, token_tiles)  # fmt: skip
+
     def route(self, i: int) -> tuple[cp.ndarray, cp.ndarray]:
         j = i % self.copies
         return cupy_moe.moe_route(self.k, self.x[j], self.router[j], self.bias, TOP_K, 1e-12)
@@ -214,10 +220,11 @@ def bench_moe(timer: Timer, k: Kernels, tokens: list[int], sweep: bool) -> list[
 
         def layer(i: int, path: str = "decode") -> cp.ndarray:
             j = i % layers.copies
+            pending = layers.shared_side(i) if path == "decode" else None
             w, ids = layers.route(i)
             x, gu, dn, shared = layers.x[j], layers.gate_up[j], layers.down[j], layers.shared[j]
-            if path == "decode":
-                return cupy_moe.decode_experts(k, x, w, ids, gu, dn, shared)
+            if path == "decode":  # as CupyOps.moe: the shared experts first, on the side
+                return cupy_moe.decode_experts(k, x, w, ids, gu, dn, pending)
             return pairs(k, x, w, ids, gu, dn) + dense_mlp(k, x, *shared)
 
         us = timer.per_launch_us(layer, nl)
@@ -252,9 +259,10 @@ def stages(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, nbytes: 
         group, pos = cupy_moe.group_pairs(k, ids, E)
         ev[2].record()
         gu, dn = layers.shared[j]
-        act, act_s = cupy_moe.gate_up_act(k, layers.x[j], group, layers.gate_up[j], gu, TOP_K)
+        act, act_s = cupy_moe.gate_up_act(k, layers.x[j], group, I_MOE, layers.gate_up[j], gu,
+                                          TOP_K)  # fmt: skip
         ev[3].record()
-        y, y_s = cupy_moe.down_proj(k, act, act_s, group, layers.down[j], dn, t)
+        y, y_s = cupy_moe.down_proj(k, act, act_s, group, H, layers.down[j], dn)
         ev[4].record()
         cupy_moe.combine(k, y, y_s, pos, w)
         ev[5].record()
@@ -284,14 +292,21 @@ def sweep_experts(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, n
     variants = [{"gate_up_warps": w} for w in (2, 3, 4)]
     variants += [{"down_warps": dw} for dw in (1, 2, 3)]
     variants += [{"token_tiles": nt} for nt in (1, 2, 4)]
+    variants += [{"shared_token_tiles": nt} for nt in (1, 2, 4)]
+    variants += [{"shared_in_line": True}]
     rows = []
     for kw in [{}, *variants]:
 
         def run(i: int, kw: dict = kw) -> cp.ndarray:
             j = i % layers.copies
             w, ids = routes[j]
+            kw = dict(kw)
+            if kw.pop("shared_in_line", False):  # forked after the routing, not before
+                shared = layers.shared[j]
+            else:
+                shared = layers.shared_side(i, kw.pop("shared_token_tiles", None))
             return cupy_moe.decode_experts(k, layers.x[j], w, ids, layers.gate_up[j],
-                                           layers.down[j], layers.shared[j], **kw)  # fmt: skip
+                                           layers.down[j], shared, **kw)  # fmt: skip
 
         name = ",".join(f"{a}={b}" for a, b in kw.items()) or "default"
         rows.append(row("msweep", "experts", t, name, timer.per_launch_us(run, n), nbytes, **extra))

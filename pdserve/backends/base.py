@@ -131,6 +131,15 @@ class Ops(ABC):
         `shared` = (gate_up [2Is, H], down [H, Is]): the shared experts, fused as one MLP
         whose output is added unweighted."""
 
+    def moe(
+        self, x: Array, router: Array, correction_bias: Array, top_k: int, norm_min: float,
+        gate_up: Array, down: Array, shared: tuple[Array, Array] | None = None,
+    ) -> Array:  # fmt: skip
+        """A MoE layer: `moe_route`, then `moe_experts`. Backends may start the shared experts
+        before the routing, so that the two overlap."""
+        weights, ids = self.moe_route(x, router, correction_bias, top_k, norm_min)
+        return self.moe_experts(x, weights, ids, gate_up, down, shared)
+
     def mlp(self, x: Array, gate_up: Array, down: Array) -> Array:
         """SwiGLU MLP, down(silu_mul(gate_up(x))): [T, H]."""
         return self.linear(self.silu_mul(self.linear(x, gate_up)), down)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cupy as cp
@@ -66,6 +68,19 @@ def _arg(v: object) -> object:
     return v
 
 
+@dataclass(frozen=True)
+class Pending:
+    """An array that `Kernels.on_side` is computing on its side stream."""
+
+    value: cp.ndarray
+    done: cp.cuda.Event
+
+    def get(self) -> cp.ndarray:
+        """The array, once the current stream has waited for the side stream's work on it."""
+        cp.cuda.get_current_stream().wait_event(self.done)
+        return self.value
+
+
 class Kernels:
     """Launches csrc kernels and allocates their outputs. With `poison`, every new output starts
     as NaN (floats) or -1 (ints), so that a test sees any element a kernel failed to write.
@@ -76,6 +91,22 @@ class Kernels:
         self.poison = poison
         self.overlap = False
         self.num_sms: int = cp.cuda.Device().attributes["MultiProcessorCount"]
+        self._side: cp.cuda.Stream | None = None
+
+    def on_side(self, fn: Callable[..., cp.ndarray], *args: object) -> Pending:
+        """Queue fn(*args) on a second stream, after all work queued so far on the current one,
+        so that it overlaps what the current stream does next (also inside a CUDA-graph capture,
+        where it becomes a parallel branch). Inputs must stay referenced until `Pending.get`."""
+        if self._side is None:
+            self._side = cp.cuda.Stream(non_blocking=True)
+        start = cp.cuda.Event(disable_timing=True)
+        start.record(cp.cuda.get_current_stream())
+        self._side.wait_event(start)
+        with self._side:
+            value = fn(*args)
+        done = cp.cuda.Event(disable_timing=True)
+        done.record(self._side)
+        return Pending(value, done)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> cp.ndarray:
         out = cp.empty(shape, dtype=dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from pdserve.backends.cupy_kernels import BF16, Kernels, row_major
+from pdserve.backends.cupy_kernels import BF16, Kernels, Pending, row_major
 
 ROUTE_TOKENS = 8  # ROUTE_TOKENS in csrc/moe.cu
 ROUTE_SPLIT = 256  # ROUTE_SPLIT
@@ -92,40 +92,44 @@ def _one_wave_warps(k: Kernels, blocks: int, choices: tuple[int, ...]) -> int:
 
 
 def gate_up_act(
-    k: Kernels, x: cp.ndarray, group: tuple, gate_up: cp.ndarray, shared_gate_up: cp.ndarray | None,
-    top_k: int, warps: int | None = None, token_tiles: int | None = None,
+    k: Kernels, x: cp.ndarray, group: tuple, inter: int, gate_up: cp.ndarray | None,
+    shared_gate_up: cp.ndarray | None, top_k: int, warps: int | None = None,
+    token_tiles: int | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
-    """silu(gate(x)) * up(x): for every pair, rows in the group's order, [P, I]; and for the
+    """silu(gate(x)) * up(x) for every pair of the routed experts (gate_up [E, 2 inter, H];
+    None when the group has no slots), rows in the group's order, [P, inter]; and for the
     shared experts (gate_up [2Is, H]) if given, [T, Is] (else [T, 0])."""
     t, h = x.shape
-    inter = gate_up.shape[1] // 2
     inter_s = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
     slots = group[1].size + _cdiv(inter_s, inter)
     act = k.empty((group[0].size, inter), BF16)  # [P, I]
     act_s = k.empty((t, inter_s), BF16)  # [T, Is]
     warps = warps or _one_wave_warps(k, slots * _cdiv(inter, 16), (4, 3, 2))
     nt = token_tiles or _token_tiles(t)
+    either = shared_gate_up if gate_up is None else gate_up  # what the other pointer takes
     k.launch("moe_decode.cu", f"moe_gate_up_nt{nt}", (slots, _cdiv(inter, 16)), 32 * warps,
-             (x, *group, gate_up, gate_up if shared_gate_up is None else shared_gate_up, act,
+             (x, *group, either, either if shared_gate_up is None else shared_gate_up, act,
               act_s, t, h, inter, inter_s, top_k, group[1].size, _cdiv(_cdiv(h, 32), warps)),
              shared=4 * warps * 2 * 16 * 8 * nt)  # fmt: skip
     return act, act_s
 
 
 def down_proj(
-    k: Kernels, act: cp.ndarray, act_s: cp.ndarray, group: tuple, down: cp.ndarray,
-    shared_down: cp.ndarray | None, t: int, warps: int = 4, token_tiles: int | None = None,
+    k: Kernels, act: cp.ndarray, act_s: cp.ndarray, group: tuple, h: int,
+    down: cp.ndarray | None, shared_down: cp.ndarray | None, warps: int = 4,
+    token_tiles: int | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
-    """Each pair's expert output [P, H] (rows in the group's order) and each shared slot's
-    [n_shared, T, H] (n_shared = 0 without shared experts), float32."""
-    h, inter = down.shape[1], down.shape[2]
-    inter_s = 0 if shared_down is None else shared_down.shape[1]
+    """Each pair's expert output [P, h] (rows in the group's order; down [E, h, I], None when
+    the group has no slots) and each shared slot's [n_shared, T, h] (n_shared = 0 without
+    shared experts), float32."""
+    t, inter, inter_s = act_s.shape[0], act.shape[1], act_s.shape[1]
     n_shared = _cdiv(inter_s, inter)
     y = k.empty((act.shape[0], h), np.float32)  # [P, H]
     y_s = k.empty((n_shared, t, h), np.float32)  # [n_shared, T, H]
     nt = token_tiles or _token_tiles(t)
+    either = shared_down if down is None else down
     k.launch("moe_decode.cu", f"moe_down_nt{nt}", (group[1].size + n_shared, _cdiv(h, 16)),
-             32 * warps, (act, act_s, *group[1:], down, down if shared_down is None else
+             32 * warps, (act, act_s, *group[1:], either, either if shared_down is None else
                           shared_down, y, y_s, t, h, inter, inter_s, group[1].size,
                           _cdiv(_cdiv(inter, 32), warps)),
              shared=4 * warps * 16 * 8 * nt)  # fmt: skip
@@ -147,6 +151,25 @@ def combine(
     return out
 
 
+def _no_pairs(k: Kernels) -> tuple[cp.ndarray, ...]:
+    """A grouping with no routed slots: launches of the experts' kernels for the shared slots
+    alone."""
+    return tuple(k.empty((0,), np.int32) for _ in range(4))
+
+
+def shared_experts(
+    k: Kernels, x: cp.ndarray, inter: int, gate_up: cp.ndarray, down: cp.ndarray,
+    warps: int | None = None, token_tiles: int | None = None,
+) -> cp.ndarray:  # fmt: skip
+    """The shared experts (one MLP: gate_up [2Is, H], down [H, Is]) on the experts' kernels, as
+    ceil(Is / inter) slots of `inter` units: their outputs [n_shared, T, H] float32, which
+    `combine` adds. They need no routing, so CupyOps starts them on a side stream first."""
+    none = _no_pairs(k)
+    act, act_s = gate_up_act(k, x, none, inter, None, gate_up, 1, warps, token_tiles)
+    _, y_s = down_proj(k, act, act_s, none, x.shape[1], None, down, token_tiles=token_tiles)
+    return y_s
+
+
 def decode_experts(
     k: Kernels,
     x: cp.ndarray,
@@ -154,25 +177,30 @@ def decode_experts(
     ids: cp.ndarray,
     gate_up: cp.ndarray,
     down: cp.ndarray,
-    shared: tuple[cp.ndarray, cp.ndarray] | None = None,
+    shared: tuple[cp.ndarray, cp.ndarray] | Pending | None = None,
     gate_up_warps: int | None = None,
     down_warps: int = 4,
     token_tiles: int | None = None,
 ) -> cp.ndarray:
     """The decode experts path (csrc/moe_decode.cu): x [T, H] bf16, weights [T, K] f32, ids
-    [T, K] int32 (all row-major), gate_up [E, 2I, H], down [E, H, I] bf16, and the shared
-    experts' (gate_up [2Is, H], down [H, Is]) if given, with H, I and Is multiples of 8 ->
-    [T, H] bf16, the shared experts' output added unweighted. Grids: one slot per expert a
-    pair may touch (min(E, T * K); slots no expert fills exit at once) plus ceil(Is / I)
-    shared slots, times I / 16 rows for gate_up and H / 16 for down. The keyword arguments
-    tune the launches (benchmarks: token_tiles is 1, 2 or 4 tiles of 8 tokens a chunk)."""
+    [T, K] int32 (all row-major), gate_up [E, 2I, H], down [E, H, I] bf16 with H and I
+    multiples of 8 -> [T, H] bf16, plus the shared experts' output, unweighted: `shared` is
+    their weights (gate_up [2Is, H], down [H, Is], Is a multiple of 8; run here, alongside the
+    routed experts, on the side stream) or their `shared_experts` output on its way. Grids:
+    one slot per expert a pair may touch (min(E, T * K); slots no expert fills exit at once),
+    times I / 16 rows for gate_up and H / 16 for down. The keyword arguments tune the routed
+    launches (benchmarks: token_tiles is 1, 2 or 4 tiles of 8 tokens a chunk)."""
     for w in (gate_up_warps, down_warps):
         if w is not None and not 1 <= w <= 4:
             raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
+    inter = gate_up.shape[1] // 2
+    if isinstance(shared, tuple):
+        shared = k.on_side(shared_experts, k, x, inter, *shared)
     group, pos = group_pairs(k, ids, gate_up.shape[0])
-    sgu, sdn = shared if shared is not None else (None, None)
-    act, act_s = gate_up_act(k, x, group, gate_up, sgu, ids.shape[1], gate_up_warps, token_tiles)
-    y, y_s = down_proj(k, act, act_s, group, down, sdn, x.shape[0], down_warps, token_tiles)
+    act, act_s = gate_up_act(k, x, group, inter, gate_up, None, ids.shape[1], gate_up_warps,
+                             token_tiles)  # fmt: skip
+    y, _ = down_proj(k, act, act_s, group, x.shape[1], down, None, down_warps, token_tiles)
+    y_s = k.empty((0, x.shape[0], x.shape[1]), np.float32) if shared is None else shared.get()
     return combine(k, y, y_s, pos, weights)
 
 

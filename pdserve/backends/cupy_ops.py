@@ -32,6 +32,7 @@ from pdserve.backends.cupy_graphs import DecodeGraphs
 from pdserve.backends.cupy_kernels import (
     BF16,
     Kernels,
+    Pending,
     bf16_bits_to_f32,
     row_major,
     to_bf16_bits,
@@ -238,6 +239,33 @@ class CupyOps(Ops):
             return cupy_route_prefill.moe_route(self.k, x, router, correction_bias, top_k, norm_min)
         return cupy_moe.moe_route(self.k, x, router, correction_bias, top_k, norm_min)
 
+    def moe(
+        self, x: cp.ndarray, router: cp.ndarray, correction_bias: cp.ndarray, top_k: int,
+        norm_min: float, gate_up: CupyLinear | cp.ndarray, down: CupyLinear | cp.ndarray,
+        shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | None = None,
+    ) -> cp.ndarray:  # fmt: skip
+        if shared is None or not self._decode_experts(x, _data(gate_up), shared):
+            return super().moe(x, router, correction_bias, top_k, norm_min, gate_up, down, shared)
+        # the shared experts need no routing: they start first, on a side stream, and stream
+        # their weights while the router's latency-bound kernels run
+        x = row_major(x)
+        inter = _data(gate_up).shape[1] // 2
+        pending = self.k.on_side(cupy_moe.shared_experts, self.k, x, inter,
+                                 *(row_major(_data(w)) for w in shared))  # fmt: skip
+        weights, ids = self.moe_route(x, router, correction_bias, top_k, norm_min)
+        return self.moe_experts(x, weights, ids, gate_up, down, pending)
+
+    def _decode_experts(self, x: cp.ndarray, gate_up: cp.ndarray, shared: tuple | None) -> bool:
+        """Whether a batch of x's tokens takes the decode experts path (cupy_moe.decode_experts)
+        with these experts (and shared experts)."""
+        t, h = x.shape
+        if t == 0 or (t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t)):
+            return False
+        inters = [gate_up.shape[1] // 2]
+        if shared is not None:
+            inters.append(_data(shared[1]).shape[1])
+        return all(cupy_moe.streams(h, i) for i in inters)
+
     def moe_experts(
         self,
         x: cp.ndarray,
@@ -245,25 +273,23 @@ class CupyOps(Ops):
         ids: cp.ndarray,
         gate_up: CupyLinear | cp.ndarray,
         down: CupyLinear | cp.ndarray,
-        shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | None = None,
+        shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | Pending | None = None,
     ) -> cp.ndarray:
+        """`shared` may also be CupyOps.moe's shared experts' output, on its way (`Pending`)."""
         gate_up, down = _data(gate_up), _data(down)
-        t, inter = x.shape[0], gate_up.shape[1] // 2
+        t = x.shape[0]
         args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
                 row_major(gate_up), row_major(down))  # fmt: skip
+        if isinstance(shared, Pending) or self._decode_experts(x, gate_up, shared):
+            if isinstance(shared, tuple):
+                shared = tuple(row_major(_data(w)) for w in shared)
+            return cupy_moe.decode_experts(self.k, *args, shared)
         if t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t):
             counted = cupy_moe_prefill.count(self.k, args[2], gate_up.shape[0])
             # queued behind the counting: the GPU runs the shared experts while the host waits
             # for the counts and plans the routed experts' GEMMs
             addend = None if shared is None else self.mlp(x, *shared)
             return cupy_moe_prefill.moe_experts(self.k, *args, counted=counted, addend=addend)
-        if (
-            t > 0
-            and cupy_moe.streams(x.shape[1], inter)
-            and (shared is None or cupy_moe.streams(x.shape[1], _data(shared[1]).shape[1]))
-        ):  # the shared experts stream in the same launches as the routed ones
-            both = None if shared is None else tuple(row_major(_data(w)) for w in shared)
-            return cupy_moe.decode_experts(self.k, *args, both)
         out = cupy_moe.moe_experts(self.k, *args)
         return out if shared is None else out + self.mlp(x, *shared)
 

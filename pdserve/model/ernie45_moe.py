@@ -88,11 +88,9 @@ class ErnieMoeSparseBlock:
         self.shared = ErnieMoeMLP(ops, w.shared, quant, None) if w.shared is not None else None
 
     def __call__(self, x: Array) -> Array:
-        weights, ids = self.ops.moe_route(
-            x, self.router, self.correction_bias, self.top_k, self.norm_min
-        )
         shared = None if self.shared is None else (self.shared.gate_up, self.shared.down)
-        out = self.ops.moe_experts(x, weights, ids, self.gate_up, self.down, shared)
+        out = self.ops.moe(x, self.router, self.correction_bias, self.top_k, self.norm_min,
+                           self.gate_up, self.down, shared)  # fmt: skip
         return self.tp.all_reduce(out)  # [T, H]
 
 
