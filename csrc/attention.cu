@@ -51,7 +51,10 @@ __device__ __forceinline__ void decode_attention(
   const int kvh = blockIdx.y / chunks, h0 = (blockIdx.y - kvh * chunks) * 8;
   const int nh = min(8, group - h0);
   const int len = seq_lens[s];
-  const int per = ((len + splits - 1) / splits + DEC_GRANULE - 1) / DEC_GRANULE * DEC_GRANULE;
+  // at least a tile for every warp: a short sequence in a graph planned for long ones leaves
+  // the later splits empty (cheap) rather than spreading a few keys over all of them
+  const int per = max(DEC_WARPS * DEC_KT,
+                      ((len + splits - 1) / splits + DEC_GRANULE - 1) / DEC_GRANULE * DEC_GRANULE);
   const int k_begin = z * per, k_end = min(len, k_begin + per);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tg = lane & 3;
 

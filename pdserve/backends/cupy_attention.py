@@ -24,6 +24,7 @@ DECODE_WARPS = 4
 DECODE_TILE_KEYS = 16
 DECODE_STAGES = 3
 DECODE_GRANULE = 16  # keys; split boundaries fall on multiples of it
+DECODE_MIN_KEYS = DECODE_WARPS * DECODE_TILE_KEYS  # keys a split gets at least
 DECODE_HEADS = 8  # query heads per block at most (the n of mma.m16n8k16)
 MAX_SPLITS = 128
 COMBINE_THREADS = 256
@@ -41,10 +42,11 @@ def _cdiv(a: int, b: int) -> int:
 
 def decode_splits(num_sms: int, blocks: int, max_context: int) -> int:
     """Key splits per decode row: enough blocks to fill the GPU twice over (`blocks` is rows x
-    KV heads x head chunks), never more than one split per DECODE_GRANULE keys of the longest
-    possible context."""
+    KV heads x head chunks), never more than one split per DECODE_MIN_KEYS keys of the longest
+    possible context (the kernel gives every split at least that many: a 16-key tile for each
+    of its warps)."""
     by_fill = _cdiv(2 * num_sms, max(blocks, 1))
-    by_len = _cdiv(max(max_context, 1), DECODE_GRANULE)
+    by_len = _cdiv(max(max_context, 1), DECODE_MIN_KEYS)
     return max(1, min(by_fill, by_len, MAX_SPLITS))
 
 
