@@ -18,6 +18,7 @@ from pdserve.model.forward_batch import ForwardBatch
 OP_CATEGORY = {
     "embedding": "embedding", "rms_norm": "norm", "add_rms_norm": "norm",
     "rope": "rope + kv write", "write_kv": "rope + kv write", "rope_write_kv": "rope + kv write",
+    "qkv_rope_write_kv": "qkv + rope + kv write",
     "paged_attention": "attention",
     "silu_mul": "silu_mul", "moe_route": "moe_route", "moe_experts": "moe_experts",
     "linear": "linear",

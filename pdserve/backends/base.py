@@ -103,6 +103,15 @@ class Ops(ABC):
         self.write_kv(kv_layer, self.rope(k, positions, theta), v, slot_mapping)
         return q
 
+    def qkv_rope_write_kv(
+        self, x: Array, qkv: Array, heads: int, kv_heads: int, positions: Array, theta: float,
+        kv_layer: Array, slot_mapping: Array,
+    ) -> Array:  # fmt: skip
+        """`linear` of x [T, H] by the qkv weight, then `rope_write_kv`: returns q [T, heads, D].
+        Backends may fuse them."""
+        return self.rope_write_kv(self.linear(x, qkv), heads, kv_heads, positions, theta,
+                                  kv_layer, slot_mapping)  # fmt: skip
+
     @abstractmethod
     def paged_attention(
         self, q: Array, kv_layer: Array, batch: ForwardBatch, scale: float

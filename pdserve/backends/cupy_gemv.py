@@ -91,3 +91,40 @@ def linear(k: Kernels, x: cp.ndarray, w: cp.ndarray, out_dtype: np.dtype) -> cp.
     if not rows_ok(x):
         x = row_major(x)  # a copy of a few rows: cheap next to streaming the weight
     return gemv(k, x, w, out_dtype)
+
+
+def fuses_rope(x: cp.ndarray, w: cp.ndarray, head_dim: int) -> bool:
+    """Whether `linear_rope_kv` takes this qkv projection: a GEMV batch, heads that fill whole
+    16-row blocks."""
+    t = x.shape[0]
+    return (
+        1 <= t <= GEMV_MAX_TOKENS
+        and head_dim % ROWS == 0
+        and w.shape[0] <= GEMV_MAX_ROWS
+        and weight_ok(w)
+        and x.shape[1] == w.shape[1]
+    )
+
+
+def linear_rope_kv(
+    k: Kernels, x: cp.ndarray, w: cp.ndarray, heads: int, kv_heads: int, positions: cp.ndarray,
+    inv_freq: cp.ndarray, kv_layer: cp.ndarray, slot_mapping: cp.ndarray,
+) -> cp.ndarray:  # fmt: skip
+    """The qkv projection x [T, K] . w [(heads + 2 kv_heads) D, K]^T with RoPE and the KV write
+    as its epilogue (csrc/gemv.cu, gemv_rope_kv): q [T, heads, D] bf16; k and v go to kv_layer
+    at slot_mapping [T] int64. positions [T] int64, inv_freq [D / 2] float32; `fuses_rope`
+    must hold."""
+    t, kdim = x.shape
+    n, d = w.shape[0], 2 * inv_freq.shape[0]
+    if n != (heads + 2 * kv_heads) * d:
+        raise ValueError(f"qkv weight of {n} rows for {heads} + 2 x {kv_heads} heads of {d}")
+    if not rows_ok(x):
+        x = row_major(x)
+    warps, per_warp = plan(k, n, kdim)
+    q = k.empty((t, heads, d), BF16)  # [T, heads, D]
+    ldx = x.strides[0] // 2 if t > 1 else kdim
+    k.launch("gemv.cu", "gemv_rope_kv_nt1", (n // ROWS,), 32 * warps,
+             (x, np.int64(ldx), w, t, kdim, per_warp, positions, inv_freq, q, slot_mapping,
+              kv_layer, np.int64(kv_layer[0].size), heads, kv_heads, d),
+             shared=4 * warps * ROWS * 8)  # fmt: skip
+    return q

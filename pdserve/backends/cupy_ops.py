@@ -212,6 +212,19 @@ class CupyOps(Ops):
         self.k.launch("rope_kv.cu", "rope_qkv_write_kv", (t,), threads, args)
         return q
 
+    def qkv_rope_write_kv(
+        self, x: cp.ndarray, qkv: CupyLinear | cp.ndarray, heads: int, kv_heads: int,
+        positions: cp.ndarray, theta: float, kv_layer: cp.ndarray, slot_mapping: cp.ndarray,
+    ) -> cp.ndarray:  # fmt: skip
+        d = kv_layer.shape[-1]
+        w = _data(qkv)
+        if not (isinstance(qkv, CupyLinear) and cupy_gemv.fuses_rope(x, w, d)):
+            return super().qkv_rope_write_kv(x, qkv, heads, kv_heads, positions, theta,
+                                             kv_layer, slot_mapping)  # fmt: skip
+        return cupy_gemv.linear_rope_kv(self.k, x, w, heads, kv_heads,
+                                        row_major(positions, np.int64), self._rope_freq(theta, d),
+                                        kv_layer, row_major(slot_mapping, np.int64))  # fmt: skip
+
     def paged_attention(
         self, q: cp.ndarray, kv_layer: cp.ndarray, batch: ForwardBatch, scale: float
     ) -> cp.ndarray:

@@ -41,16 +41,9 @@ class ErnieMoeAttention:
 
     def __call__(self, x: Array, kv_layer: Array, batch: ForwardBatch) -> Array:
         ops, t = self.ops, x.shape[0]
-        qkv = ops.linear(x, self.qkv)  # [T, q + 2kv]
-        q = ops.rope_write_kv(
-            qkv,
-            self.heads,
-            self.kv_heads,
-            batch.positions,
-            self.theta,
-            kv_layer,
-            batch.slot_mapping,
-        )  # [T, heads, D]; K, V in the pool
+        q = ops.qkv_rope_write_kv(x, self.qkv, self.heads, self.kv_heads, batch.positions,
+                                  self.theta, kv_layer, batch.slot_mapping)  # fmt: skip
+        # q: [T, heads, D]; K, V in the pool
         out = ops.paged_attention(q, kv_layer, batch, self.scale)  # [T, heads, D]
         return self.tp.all_reduce(ops.linear(out.reshape(t, self.q_size), self.o))  # [T, H]
 

@@ -17,7 +17,7 @@ KERNELS = [
 ]
 # Kernels that load weights before pdl_start() (weights are never written, so they may stream in
 # while the kernel before finishes); weight_stream.cuh's stream_k calls it after the first group.
-WEIGHTS_FIRST = {"gemv_nt"}
+WEIGHTS_FIRST = {"gemv_nt", "gemv_rope_kv_nt"}
 
 
 def test_the_sources_hold_kernels():

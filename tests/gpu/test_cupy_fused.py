@@ -39,3 +39,29 @@ def test_rope_write_kv_equals_rope_then_write_kv(rng, t, heads, kv_heads, d):
     assert cp.array_equal(pools[0].view(np.uint16), pools[1].view(np.uint16))
     written = (pools[0].view(np.uint16) != 0x3F80).any(axis=(0, 3, 4))  # [blocks, bs]
     assert int(written.sum()) <= t - len(range(0, t, 3))  # the real rows' slots at most
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,d,h", [(1, 20, 4, 128, 2560), (3, 6, 2, 64, 200),
+                                                  (8, 4, 1, 16, 72)])  # fmt: skip
+def test_qkv_rope_write_kv_equals_linear_then_rope_write_kv(rng, t, heads, kv_heads, d, h):
+    """The GEMV with RoPE and the KV write as its epilogue (decode batches) against the GEMV,
+    then rope_write_kv: q and the whole pool bit-identical, padding rows writing nothing."""
+    ops = CupyOps(poison=True)
+    blocks, bs = 5, 16
+    width = (heads + 2 * kv_heads) * d
+    x = ops.weight(round_bf16(rng.standard_normal((t, h)).astype(np.float32)))
+    w = ops.linear_weight(rng.standard_normal((width, h)).astype(np.float32) * 0.05, None)
+    positions = ops.to_device(rng.integers(0, 5000, t).astype(np.int64))
+    slots = rng.permutation(blocks * bs)[:t].astype(np.int64)
+    slots[1::2] = -1
+    slots = ops.to_device(slots)
+    pools = [ops.alloc_kv_cache((2, blocks, bs, kv_heads, d)) for _ in range(2)]
+    for pool in pools:
+        pool.view(np.uint16)[...] = 0x3F80
+    fused = ops.qkv_rope_write_kv(x, w, heads, kv_heads, positions, 1e4, pools[0], slots)
+    plain = Ops.qkv_rope_write_kv(ops, x, w, heads, kv_heads, positions, 1e4, pools[1], slots)
+    assert fused.shape == (t, heads, d)
+    assert cp.array_equal(fused.view(np.uint16), plain.view(np.uint16))
+    assert cp.array_equal(pools[0].view(np.uint16), pools[1].view(np.uint16))
+    written = (pools[0].view(np.uint16) != 0x3F80).any(axis=(0, 3, 4))
+    assert int(written.sum()) == len(range(0, t, 2))  # each real row's slot, nothing else
