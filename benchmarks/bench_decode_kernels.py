@@ -7,9 +7,11 @@ copy is measured again at the start and reported beside it).
          (cupy_kernels.gemm) for the crossover, and the GEMV replayed from a CUDA graph;
          `--sweep` adds the GEMV at T = 1 over warps per block for the small shapes;
   moe    one MoE layer (route + experts, 64 experts of 1536, top-6, random routing, and the
-         two shared experts, one MLP of 3072) at T = 1, 8, 32, 128: the decode path as a whole,
-         as a CUDA graph, and kernel by kernel; the older path (GEMV per (token, expert) pair,
-         with the shared experts as two GEMVs, SiLU-mul and an add) for reference. The floor
+         two shared experts, one MLP of 3072) at T = 1, 8, 32, 128: the decode path as a whole
+         (the shared experts on the side stream, forked before the routing, as CupyOps.moe runs
+         them), as a CUDA graph, and kernel by kernel (the shared experts in line); the older
+         path (GEMV per (token, expert) pair, with the shared experts as two GEMVs, SiLU-mul and
+         an add) for reference. The floor
          counts the experts the router really picked, per layer, and the shared experts.
 
 Timing: a spin kernel holds the GPU while the host queues the launches, so CUDA events time
@@ -245,27 +247,28 @@ def stages(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, nbytes: 
            extra: dict) -> list[dict]:  # fmt: skip
     """The decode path kernel by kernel: events between the launches of n layers, queued
     behind a spin."""
-    names = ("route", "group", "gate_up", "down", "combine")
+    names = ("route", "group", "gate_up", "down", "shared", "combine")
     layers.route(0)
     cp.cuda.Device().synchronize()
     timer.spin((1,), (1,), (np.uint64(int(n * 8 * timer.host_us_per_launch * 1e3 + 2e6)),))
     events = []
     for i in range(n):
         j = i % layers.copies
-        ev = [cp.cuda.Event() for _ in range(6)]
+        ev = [cp.cuda.Event() for _ in range(len(names) + 1)]
         ev[0].record()
         w, ids = layers.route(i)
         ev[1].record()
         group, pos = cupy_moe.group_pairs(k, ids, E)
         ev[2].record()
-        gu, dn = layers.shared[j]
-        act, act_s = cupy_moe.gate_up_act(k, layers.x[j], group, I_MOE, layers.gate_up[j], gu,
+        act, act_s = cupy_moe.gate_up_act(k, layers.x[j], group, I_MOE, layers.gate_up[j], None,
                                           TOP_K)  # fmt: skip
         ev[3].record()
-        y, y_s = cupy_moe.down_proj(k, act, act_s, group, H, layers.down[j], dn)
-        ev[4].record()
-        cupy_moe.combine(k, y, y_s, pos, w)
+        y, _ = cupy_moe.down_proj(k, act, act_s, group, H, layers.down[j], None)
+        ev[4].record()  # the shared experts, here in line rather than on the side stream
+        y_s = cupy_moe.shared_experts(k, layers.x[j], I_MOE, *layers.shared[j])
         ev[5].record()
+        cupy_moe.combine(k, y, y_s, pos, w)
+        ev[6].record()
         events.append(ev)
     held = not events[0][0].done
     events[-1][-1].synchronize()
@@ -274,11 +277,13 @@ def stages(timer: Timer, k: Kernels, layers: MoELayers, t: int, n: int, nbytes: 
         for s, name in enumerate(names):
             total[name] += cp.cuda.get_elapsed_time(ev[s], ev[s + 1]) * 1e3 / n
     routed = nbytes - E * H * 4
+    shared = 2 * 3 * I_MOE * H * 2  # two experts' bytes
     share = {
         "route": E * H * 4,
         "group": 0,
-        "gate_up": 2 / 3 * routed,
-        "down": routed / 3,
+        "gate_up": 2 / 3 * (routed - shared),
+        "down": (routed - shared) / 3,
+        "shared": shared,
         "combine": 0,
     }
     return [row("stage", name, t, "decode", total[name], share[name], held=held, **extra)

@@ -165,6 +165,11 @@ def shared_experts(
     ceil(Is / inter) slots of `inter` units: their outputs [n_shared, T, H] float32, which
     `combine` adds. They need no routing, so CupyOps starts them on a side stream first."""
     none = _no_pairs(k)
+    t = x.shape[0]
+    # every token passes through the shared experts: as many tiles as the kernels take (each
+    # further chunk re-reads the weights; at T = 32, four 8-token chunks ran at 18% of the copy
+    # rate)
+    token_tiles = token_tiles or (1 if t <= 8 else 2 if t <= 16 else 4)
     act, act_s = gate_up_act(k, x, none, inter, None, gate_up, 1, warps, token_tiles)
     _, y_s = down_proj(k, act, act_s, none, x.shape[1], None, down, token_tiles=token_tiles)
     return y_s
