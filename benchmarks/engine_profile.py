@@ -38,7 +38,6 @@ class OpProfiler:
         self.dev, self.ops, self.model = dev, ops, model
         names: dict[int, str] = {id(model.lm_head): "lm_head"}
         for layer in model.layers:
-            names[id(layer.self_attn.qkv)] = "qkv_proj"
             names[id(layer.self_attn.o)] = "o_proj"
             mlp, kind = layer.mlp, "dense_mlp linears"
             if isinstance(mlp, ErnieMoeSparseBlock):

@@ -39,6 +39,16 @@ __device__ __forceinline__ bf16_t f2bf(float f) {
 __device__ __forceinline__ float lo_bf(u32 w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi_bf(u32 w) { return __uint_as_float(w & 0xffff0000u); }
 
+// The interleaved RoPE pair (a, b) rotated by `angle` in float32, stored as bf16 at dst[0..1]:
+// every RoPE path (rope_kv.cu, the qkv GEMV's epilogue) rounds through this, so they agree bit
+// for bit.
+__device__ __forceinline__ void store_rotated(bf16_t* dst, float a, float b, float angle) {
+  float s, c;
+  sincosf(angle, &s, &c);
+  dst[0] = f2bf(a * c - b * s);
+  dst[1] = f2bf(b * c + a * s);
+}
+
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 __device__ __forceinline__ float warp_sum(float v) {

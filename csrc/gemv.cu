@@ -89,10 +89,7 @@ __device__ __forceinline__ void gemv_rope_kv(const bf16_t* __restrict__ x, long 
     else
       dst = kv + kv_half + (slot * kv_heads + h - heads - kv_heads) * D + d;
     if (h < heads + kv_heads) {
-      float sn, cs;
-      sincosf((float)pos[t] * inv_freq[d >> 1], &sn, &cs);
-      dst[0] = f2bf(a * cs - b * sn);
-      dst[1] = f2bf(b * cs + a * sn);
+      store_rotated(dst, a, b, (float)pos[t] * inv_freq[d >> 1]);
     } else {
       dst[0] = f2bf(a);
       dst[1] = f2bf(b);

@@ -15,12 +15,8 @@ extern "C" __global__ void rope(const bf16_t* __restrict__ x, long long x_row, l
   for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
     const int h = idx / half, i = idx - h * half;
     const bf16_t* src = x + t * x_row + h * x_head + 2 * i;
-    const float a = bf2f(src[0]), b = bf2f(src[1]);
-    float s, c;
-    sincosf(p * inv_freq[i], &s, &c);
-    bf16_t* dst = out + ((long long)t * heads + h) * D + 2 * i;
-    dst[0] = f2bf(a * c - b * s);
-    dst[1] = f2bf(b * c + a * s);
+    store_rotated(out + ((long long)t * heads + h) * D + 2 * i, bf2f(src[0]), bf2f(src[1]),
+                  p * inv_freq[i]);
   }
 }
 
@@ -64,9 +60,6 @@ extern "C" __global__ void rope_qkv_write_kv(const bf16_t* __restrict__ qkv, lon
   bf16_t* dk = kv + slot * kv_heads * D;  // only touched when slot >= 0
   for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
     const int h = idx / half, i = idx - h * half;
-    const float a = bf2f(src[h * D + 2 * i]), b = bf2f(src[h * D + 2 * i + 1]);
-    float s, c;
-    sincosf(p * inv_freq[i], &s, &c);
     bf16_t* dst;
     if (h < heads) {
       dst = q_out + ((long long)t * heads + h) * D + 2 * i;
@@ -75,8 +68,7 @@ extern "C" __global__ void rope_qkv_write_kv(const bf16_t* __restrict__ qkv, lon
     } else {
       continue;
     }
-    dst[0] = f2bf(a * c - b * s);
-    dst[1] = f2bf(b * c + a * s);
+    store_rotated(dst, bf2f(src[h * D + 2 * i]), bf2f(src[h * D + 2 * i + 1]), p * inv_freq[i]);
   }
   if (slot < 0) return;
   const bf16_t* v = src + (heads + kv_heads) * D;

@@ -23,7 +23,6 @@ HEAD_DIMS = (16, 32, 64, 128)  # the kernels' instances; head dims are padded up
 DECODE_WARPS = 4
 DECODE_TILE_KEYS = 16
 DECODE_STAGES = 3
-DECODE_GRANULE = 16  # keys; split boundaries fall on multiples of it
 DECODE_MIN_KEYS = DECODE_WARPS * DECODE_TILE_KEYS  # keys a split gets at least
 DECODE_HEADS = 8  # query heads per block at most (the n of mma.m16n8k16)
 MAX_SPLITS = 128

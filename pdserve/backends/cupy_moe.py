@@ -3,9 +3,10 @@ prefill path's size (csrc/moe_decode.cu; long prefills take cupy_moe_prefill.py)
 
 Expert ids and routing weights stay on the device, and every launch size comes from shapes
 (T, E, H, I), so this path is capturable in a CUDA graph. The pairs are grouped by expert on the
-device and each touched expert's gate_up and down weights, and the shared experts', are streamed
-once, against all of their tokens (moe_group, then one launch for every gate_up with SiLU-mul
-fused, one for every down, and the weighted combine). Dims that are not multiples of 8 take GEMV
+device and each touched expert's gate_up and down weights are streamed once, against all of their
+tokens (moe_group, then one launch for every gate_up with SiLU-mul fused, one for every down, and
+the weighted combine). The shared experts run on the same kernels in launches of their own, on a
+side stream, and the combine adds their output. Dims that are not multiples of 8 take GEMV
 kernels over (token, expert) pairs.
 """
 
@@ -80,7 +81,8 @@ def group_pairs(k: Kernels, ids: cp.ndarray, e: int) -> tuple[tuple[cp.ndarray, 
 def _token_tiles(t: int) -> int:
     """Tiles of 8 tokens per expert chunk: T bounds any expert's count; at T = 32 an expert
     gets about 3 tokens, at 128 about 12. At T = 32 one tile (the shared slots re-read their
-    rows from L2 every 8 tokens) measured as fast as two (whose kernel spills registers)."""
+    rows from L2 every 8 tokens) measured as fast as two (whose kernel spills registers); the
+    shared experts, which see every token, choose their own (`shared_experts`)."""
     return 1 if t <= 32 else 2 if t <= 64 else 4
 
 
@@ -175,6 +177,14 @@ def shared_experts(
     return y_s
 
 
+def shared_on_side(
+    k: Kernels, x: cp.ndarray, inter: int, shared: tuple[cp.ndarray, cp.ndarray]
+) -> Pending:
+    """`shared_experts` started on the side stream (Kernels.on_side): it overlaps whatever the
+    current stream does next, routing included when started before it."""
+    return k.on_side(shared_experts, k, x, inter, *(row_major(w) for w in shared))
+
+
 def decode_experts(
     k: Kernels,
     x: cp.ndarray,
@@ -200,7 +210,7 @@ def decode_experts(
             raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
     inter = gate_up.shape[1] // 2
     if isinstance(shared, tuple):
-        shared = k.on_side(shared_experts, k, x, inter, *shared)
+        shared = shared_on_side(k, x, inter, shared)
     group, pos = group_pairs(k, ids, gate_up.shape[0])
     act, act_s = gate_up_act(k, x, group, inter, gate_up, None, ids.shape[1], gate_up_warps,
                              token_tiles)  # fmt: skip

@@ -263,8 +263,7 @@ class CupyOps(Ops):
         # their weights while the router's latency-bound kernels run
         x = row_major(x)
         inter = _data(gate_up).shape[1] // 2
-        pending = self.k.on_side(cupy_moe.shared_experts, self.k, x, inter,
-                                 *(row_major(_data(w)) for w in shared))  # fmt: skip
+        pending = cupy_moe.shared_on_side(self.k, x, inter, tuple(_data(w) for w in shared))
         weights, ids = self.moe_route(x, router, correction_bias, top_k, norm_min)
         return self.moe_experts(x, weights, ids, gate_up, down, pending)
 
@@ -272,12 +271,16 @@ class CupyOps(Ops):
         """Whether a batch of x's tokens takes the decode experts path (cupy_moe.decode_experts)
         with these experts (and shared experts)."""
         t, h = x.shape
-        if t == 0 or (t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t)):
+        if t == 0 or self._prefill_experts(t):
             return False
         inters = [gate_up.shape[1] // 2]
         if shared is not None:
             inters.append(_data(shared[1]).shape[1])
         return all(cupy_moe.streams(h, i) for i in inters)
+
+    def _prefill_experts(self, t: int) -> bool:
+        """Whether a pass of t tokens runs the experts as cuBLAS GEMMs (cupy_moe_prefill)."""
+        return t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t)
 
     def moe_experts(
         self,
@@ -290,14 +293,13 @@ class CupyOps(Ops):
     ) -> cp.ndarray:
         """`shared` may also be CupyOps.moe's shared experts' output, on its way (`Pending`)."""
         gate_up, down = _data(gate_up), _data(down)
-        t = x.shape[0]
         args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
                 row_major(gate_up), row_major(down))  # fmt: skip
         if isinstance(shared, Pending) or self._decode_experts(x, gate_up, shared):
             if isinstance(shared, tuple):
-                shared = tuple(row_major(_data(w)) for w in shared)
+                shared = tuple(_data(w) for w in shared)
             return cupy_moe.decode_experts(self.k, *args, shared)
-        if t >= self.moe_cublas_min_tokens and cupy_moe_prefill.applies(t):
+        if self._prefill_experts(x.shape[0]):
             counted = cupy_moe_prefill.count(self.k, args[2], gate_up.shape[0])
             # queued behind the counting: the GPU runs the shared experts while the host waits
             # for the counts and plans the routed experts' GEMMs
