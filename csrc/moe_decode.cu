@@ -11,6 +11,7 @@
 // one. A slot's tokens go in chunks of 8 * NT; a chunk past the first re-reads the slot's rows
 // (from L2, just read by the same block), which only the shared slots at large batches and a
 // very skewed routing need.
+#include "norm.cuh"
 #include "weight_stream.cuh"
 
 // Where a slot's weights and tokens are: `w` is its expert's gate_up [2I, H] or down [H, I] (or
@@ -164,9 +165,32 @@ __device__ __forceinline__ void moe_down(
   }
 }
 
-// out[t] = sum_k weights[t, k] * y[pos[t * topk + k]] + sum_j y_shared[j, t], in that order, as
-// bf16. pos: [T * topk] the sorted position of each pair (moe_group); topk <= 32. Grid (T,
-// ceil(H / blockDim.x)): a thread per output, its loads independent of one another.
+// Token t's pairs: their positions in `sorted` (moe_group) and weights, into shared memory for
+// the whole block (topk <= 32).
+__device__ __forceinline__ void token_pairs(int* row, float* wt, const int* __restrict__ pos,
+                                            const float* __restrict__ weights, int t, int topk) {
+  if (threadIdx.x < topk) {
+    row[threadIdx.x] = pos[t * topk + threadIdx.x];
+    wt[threadIdx.x] = weights[t * topk + threadIdx.x];
+  }
+  __syncthreads();
+}
+
+// Token t's experts at element h: sum_k wt[k] * y[row[k], h] + sum_j y_shared[j, t, h], in that
+// order, float32. y: [P, H]; y_shared: [n_shared, T, H].
+__device__ __forceinline__ float combined(const float* __restrict__ y,
+                                          const float* __restrict__ y_shared, const int* row,
+                                          const float* wt, int topk, int n_shared, int T, int t,
+                                          int H, int h) {
+  float sum = 0.0f;
+#pragma unroll 8
+  for (int k = 0; k < topk; ++k) sum += wt[k] * y[(long long)row[k] * H + h];
+  for (int j = 0; j < n_shared; ++j) sum += y_shared[((long long)j * T + t) * H + h];
+  return sum;
+}
+
+// out[t] = bf16(combined(t)). pos: [T * topk] the sorted position of each pair (moe_group).
+// Grid (T, ceil(H / blockDim.x)): a thread per output, its loads independent of one another.
 extern "C" __global__ void moe_combine_decode(const float* __restrict__ y,
                                               const float* __restrict__ y_shared,
                                               const int* __restrict__ pos,
@@ -177,17 +201,92 @@ extern "C" __global__ void moe_combine_decode(const float* __restrict__ y,
   __shared__ int row[32];
   __shared__ float wt[32];
   const int t = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
-  if (threadIdx.x < topk) {
-    row[threadIdx.x] = pos[t * topk + threadIdx.x];
-    wt[threadIdx.x] = weights[t * topk + threadIdx.x];
+  token_pairs(row, wt, pos, weights, t, topk);
+  if (h < H)
+    out[(long long)t * H + h] = f2bf(combined(y, y_shared, row, wt, topk, n_shared, T, t, H, h));
+}
+
+// moe_combine_decode, then add_rms_norm (norm.cu) of its output in the same launch, rounding as
+// the two do: res_out[t] = bf16(combined(t)) + residual[t] in float32 (residual bf16, or float32
+// when res_f32), out[t] = rms_norm(res_out[t]) * w as bf16. One block per token; blockDim.x *
+// NORM_VALS >= H. The first 8 experts' and 4 shared slots' loads are all issued before any is
+// waited on (a loop per element waited once per pair: 20 us a token, four times the two kernels).
+extern "C" __global__ void moe_combine_add_rms_norm(
+    const float* __restrict__ y, const float* __restrict__ y_shared, const int* __restrict__ pos,
+    const float* __restrict__ weights, const void* __restrict__ residual, int res_f32,
+    const bf16_t* __restrict__ w, bf16_t* __restrict__ out, float* __restrict__ res_out, int T,
+    int H, int topk, int n_shared, float eps) {
+  pdl_start();
+  __shared__ int row[32];
+  __shared__ float wt[32];
+  const int t = blockIdx.x;
+  token_pairs(row, wt, pos, weights, t, topk);
+  const long long base = (long long)t * H;
+  float v[NORM_VALS], wv[NORM_VALS], ss = 0.0f;
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) v[c] = 0.0f;
+  // the sums of combined(), term by term in its order; the first terms' loads all up front
+  float yk[8][NORM_VALS], ys[4][NORM_VALS];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float* yr = y + (long long)row[k < topk ? k : 0] * H;
+#pragma unroll
+    for (int c = 0; c < NORM_VALS; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      yk[k][c] = k < topk && i < H ? yr[i] : 0.0f;
+    }
   }
-  __syncthreads();
-  if (h >= H) return;
-  float sum = 0.0f;
-#pragma unroll 8
-  for (int k = 0; k < topk; ++k) sum += wt[k] * y[(long long)row[k] * H + h];
-  for (int j = 0; j < n_shared; ++j) sum += y_shared[((long long)j * T + t) * H + h];
-  out[(long long)t * H + h] = f2bf(sum);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float* yr = y_shared + ((long long)j * T + t) * H;
+#pragma unroll
+    for (int c = 0; c < NORM_VALS; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      ys[j][c] = j < n_shared && i < H ? yr[i] : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k)
+    if (k < topk)
+#pragma unroll
+      for (int c = 0; c < NORM_VALS; ++c) v[c] += wt[k] * yk[k][c];
+  for (int k = 8; k < topk; ++k) {
+    const float* yr = y + (long long)row[k] * H;
+#pragma unroll
+    for (int c = 0; c < NORM_VALS; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      if (i < H) v[c] += wt[k] * yr[i];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (j < n_shared)
+#pragma unroll
+      for (int c = 0; c < NORM_VALS; ++c) v[c] += ys[j][c];
+  for (int j = 4; j < n_shared; ++j) {
+    const float* yr = y_shared + ((long long)j * T + t) * H;
+#pragma unroll
+    for (int c = 0; c < NORM_VALS; ++c) {
+      const int i = threadIdx.x + c * blockDim.x;
+      if (i < H) v[c] += yr[i];
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    wv[c] = 0.0f;
+    if (i < H) {
+      const long long j = base + i;
+      const float r = res_f32 ? ((const float*)residual)[j] : bf2f(((const bf16_t*)residual)[j]);
+      v[c] = bf2f(f2bf(v[c])) + r;
+      wv[c] = bf2f(w[i]);
+      res_out[j] = v[c];
+      ss += v[c] * v[c];
+    } else {
+      v[c] = 0.0f;
+    }
+  }
+  store_normed(v, wv, ss, out, base, H, eps);
 }
 
 #define MOE_DECODE_ENTRIES(NT, UG, UD)                                                             \

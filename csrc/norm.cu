@@ -1,24 +1,7 @@
 // RMSNorm and fused residual add + RMSNorm, float32 statistics. One block per token row; each
 // thread keeps its (at most NORM_VALS) elements and their weights in registers, so a row costs
 // one round of loads, the block sum and one round of stores.
-#include "common.cuh"
-
-#define NORM_VALS 8  // H <= NORM_VALS * blockDim.x (the launch sizes the block so)
-
-// out[row + i] = bf16(wv * v * rsqrt(ss over the block / H + eps)) for this thread's values v
-// (element i = threadIdx.x + c * blockDim.x) and weights wv; ss is its share of the squares.
-__device__ __forceinline__ void store_normed(const float (&v)[NORM_VALS],
-                                             const float (&wv)[NORM_VALS], float ss,
-                                             bf16_t* __restrict__ out, long long row, int H,
-                                             float eps) {
-  __shared__ float scratch[32];
-  const float inv = rsqrtf(block_sum(ss, scratch) / (float)H + eps);
-#pragma unroll
-  for (int c = 0; c < NORM_VALS; ++c) {
-    const int i = threadIdx.x + c * blockDim.x;
-    if (i < H) out[row + i] = f2bf(wv[c] * (v[c] * inv));
-  }
-}
+#include "norm.cuh"
 
 // out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps)          x, out: [T, H] bf16; w: [H] bf16
 extern "C" __global__ void rms_norm(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,

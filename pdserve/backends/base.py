@@ -149,6 +149,17 @@ class Ops(ABC):
         weights, ids = self.moe_route(x, router, correction_bias, top_k, norm_min)
         return self.moe_experts(x, weights, ids, gate_up, down, shared)
 
+    def moe_add_rms_norm(
+        self, x: Array, router: Array, correction_bias: Array, top_k: int, norm_min: float,
+        gate_up: Array, down: Array, shared: tuple[Array, Array] | None,
+        residual: Array, weight: Array, eps: float,
+    ) -> tuple[Array, Array]:  # fmt: skip
+        """`add_rms_norm(moe(...), residual, weight, eps)`: a MoE layer's output added to the
+        residual stream and normalized for what comes next. Backends may fuse the experts'
+        weighted sum into the norm."""
+        out = self.moe(x, router, correction_bias, top_k, norm_min, gate_up, down, shared)
+        return self.add_rms_norm(out, residual, weight, eps)
+
     def mlp(self, x: Array, gate_up: Array, down: Array) -> Array:
         """SwiGLU MLP, down(silu_mul(gate_up(x))): [T, H]."""
         return self.linear(self.silu_mul(self.linear(x, gate_up)), down)

@@ -28,18 +28,23 @@ log = logging.getLogger(__name__)
 Forward = Callable[[ForwardBatch, Any], Any]  # (batch, kv_cache) -> logits [L, V]
 
 
+def _align16(nbytes: int) -> int:
+    return -(-nbytes // 16) * 16
+
+
 class _StaticInputs:
     """One bucket's inputs: a pinned host staging buffer and its device twin, both carved into
     the ForwardBatch arrays, so one copy uploads a step."""
 
     def __init__(self, size: int, width: int) -> None:
         self.size, self.width = size, width
-        # int64 arrays first (8-byte aligned), then the int32 ones
+        # every array starts on 16 bytes, as the kernels' arguments must (row_major would
+        # otherwise copy a misaligned one inside every layer of the graph)
         self._layout = [("input_ids", np.int64, size), ("positions", np.int64, size),
                         ("slot_mapping", np.int64, size), ("logits_indices", np.int64, size),
                         ("query_start_loc", np.int32, size + 1), ("seq_lens", np.int32, size),
                         ("block_tables", np.int32, size * width)]  # fmt: skip
-        self.nbytes = sum(np.dtype(dt).itemsize * n for _, dt, n in self._layout)
+        self.nbytes = sum(_align16(np.dtype(dt).itemsize * n) for _, dt, n in self._layout)
         self._pinned = cp.cuda.alloc_pinned_memory(self.nbytes)
         self._device = cp.cuda.Memory(self.nbytes)  # outside every pool: lives with the graph
         raw = np.frombuffer(self._pinned, np.uint8, self.nbytes)
@@ -51,7 +56,7 @@ class _StaticInputs:
             self.host[name] = raw[offset : offset + nb].view(dt)
             ptr = cp.cuda.MemoryPointer(self._device, offset)
             self.dev[name] = cp.ndarray((n,), dt, ptr)
-            offset += nb
+            offset += _align16(nb)
         self.host["block_tables"] = self.host["block_tables"].reshape(size, width)
         self.dev["block_tables"] = self.dev["block_tables"].reshape(size, width)
         self.host["query_start_loc"][:] = np.arange(size + 1)  # one token per row, always

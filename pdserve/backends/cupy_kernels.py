@@ -139,6 +139,19 @@ class Kernels:
             kernel(grid, (block,), args, shared_mem=shared)
 
 
+def threads_for(n: int) -> int:
+    """A block size for a row of n elements: a multiple of 32, at most 1024."""
+    return min(1024, max(32, -(-n // 32) * 32))
+
+
+def norm_threads(h: int) -> int:
+    """The block of a kernel that normalizes rows of h (csrc/norm.cuh): every thread holds at
+    most NORM_VALS (8) of them."""
+    if h > 8 * 1024:
+        raise ValueError(f"hidden size {h}: the cupy norms take at most 8192")
+    return threads_for(-(-h // 8))
+
+
 def row_major(x: cp.ndarray, dtype: np.dtype = BF16) -> cp.ndarray:
     """`x` as `dtype`, C-contiguous and 16-byte aligned (what the kernels' wide loads need)."""
     if x.dtype != dtype:

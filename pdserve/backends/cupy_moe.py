@@ -15,7 +15,7 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from pdserve.backends.cupy_kernels import BF16, Kernels, Pending, row_major
+from pdserve.backends.cupy_kernels import BF16, Kernels, Pending, norm_threads, row_major
 
 ROUTE_TOKENS = 8  # ROUTE_TOKENS in csrc/moe.cu
 ROUTE_SPLIT = 256  # ROUTE_SPLIT
@@ -139,18 +139,28 @@ def down_proj(
 
 
 def combine(
-    k: Kernels, y: cp.ndarray, y_s: cp.ndarray, pos: cp.ndarray, weights: cp.ndarray
-) -> cp.ndarray:
-    """[T, H] bf16: each token's pairs' outputs by their weights, plus its shared outputs."""
+    k: Kernels, y: cp.ndarray, y_s: cp.ndarray, pos: cp.ndarray, weights: cp.ndarray,
+    norm: tuple[cp.ndarray, cp.ndarray, float] | None = None,
+) -> cp.ndarray | tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
+    """[T, H] bf16: each token's pairs' outputs by their weights, plus its shared outputs. With
+    `norm` = (residual [T, H] bf16 or float32, weight [H] bf16, eps), `add_rms_norm` of that in
+    the same launch: (normalized [T, H] bf16, residual + output [T, H] float32)."""
     t, top_k = weights.shape
     n_shared = y_s.shape[0]
     h = y.shape[1]
-    out = k.empty((t, h), BF16)
     if top_k > 32:
         raise ValueError(f"moe_k {top_k}: the decode experts path takes at most 32")
-    k.launch("moe_decode.cu", "moe_combine_decode", (t, _cdiv(h, 256)), 256,
-             (y, y_s, pos, weights, out, t, h, top_k, n_shared))  # fmt: skip
-    return out
+    out = k.empty((t, h), BF16)
+    if norm is None:
+        k.launch("moe_decode.cu", "moe_combine_decode", (t, _cdiv(h, 256)), 256,
+                 (y, y_s, pos, weights, out, t, h, top_k, n_shared))  # fmt: skip
+        return out
+    residual, weight, eps = norm
+    res_out = k.empty((t, h), np.float32)
+    k.launch("moe_decode.cu", "moe_combine_add_rms_norm", (t,), max(norm_threads(h), top_k),
+             (y, y_s, pos, weights, residual, residual.dtype == np.float32, weight, out,
+              res_out, t, h, top_k, n_shared, float(eps)))  # fmt: skip
+    return out, res_out
 
 
 def _no_pairs(k: Kernels) -> tuple[cp.ndarray, ...]:
@@ -196,7 +206,8 @@ def decode_experts(
     gate_up_warps: int | None = None,
     down_warps: int = 4,
     token_tiles: int | None = None,
-) -> cp.ndarray:
+    norm: tuple[cp.ndarray, cp.ndarray, float] | None = None,
+) -> cp.ndarray | tuple[cp.ndarray, cp.ndarray]:
     """The decode experts path (csrc/moe_decode.cu): x [T, H] bf16, weights [T, K] f32, ids
     [T, K] int32 (all row-major), gate_up [E, 2I, H], down [E, H, I] bf16 with H and I
     multiples of 8 -> [T, H] bf16, plus the shared experts' output, unweighted: `shared` is
@@ -204,7 +215,8 @@ def decode_experts(
     routed experts, on the side stream) or their `shared_experts` output on its way. Grids:
     one slot per expert a pair may touch (min(E, T * K); slots no expert fills exit at once),
     times I / 16 rows for gate_up and H / 16 for down. The keyword arguments tune the routed
-    launches (benchmarks: token_tiles is 1, 2 or 4 tiles of 8 tokens a chunk)."""
+    launches (benchmarks: token_tiles is 1, 2 or 4 tiles of 8 tokens a chunk). `norm`: see
+    `combine`."""
     for w in (gate_up_warps, down_warps):
         if w is not None and not 1 <= w <= 4:
             raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
@@ -216,7 +228,7 @@ def decode_experts(
                              token_tiles)  # fmt: skip
     y, _ = down_proj(k, act, act_s, group, x.shape[1], down, None, down_warps, token_tiles)
     y_s = k.empty((0, x.shape[0], x.shape[1]), np.float32) if shared is None else shared.get()
-    return combine(k, y, y_s, pos, weights)
+    return combine(k, y, y_s, pos, weights, norm)
 
 
 def streams(h: int, inter: int) -> bool:

@@ -16,6 +16,7 @@ ctypes, float32 accumulation); everything else is csrc/*.cu.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cupy as cp
 import numpy as np
@@ -34,7 +35,9 @@ from pdserve.backends.cupy_kernels import (
     Kernels,
     Pending,
     bf16_bits_to_f32,
+    norm_threads,
     row_major,
+    threads_for,
     to_bf16_bits,
 )
 from pdserve.model.forward_batch import ForwardBatch
@@ -62,18 +65,6 @@ class CupyLinear:
 
 def _data(w: CupyLinear | cp.ndarray) -> cp.ndarray:
     return w.data if isinstance(w, CupyLinear) else w
-
-
-def _threads(n: int) -> int:
-    """A block size for a row of n elements: a multiple of 32, at most 1024."""
-    return min(1024, max(32, -(-n // 32) * 32))
-
-
-def _norm_threads(h: int) -> int:
-    """csrc/norm.cu's block for rows of h: every thread holds at most NORM_VALS (8) of them."""
-    if h > 8 * 1024:
-        raise ValueError(f"hidden size {h}: the cupy norms take at most 8192")
-    return _threads(-(-h // 8))
 
 
 class CupyOps(Ops):
@@ -138,14 +129,14 @@ class CupyOps(Ops):
         ids = row_major(ids, np.int64)
         t, h = ids.shape[0], table.shape[1]
         out = self.k.empty((t, h), BF16)  # [T, H]
-        self.k.launch("elementwise.cu", "embedding", (t,), _threads(min(h, 256)),
+        self.k.launch("elementwise.cu", "embedding", (t,), threads_for(min(h, 256)),
                       (row_major(table), ids, out, h))  # fmt: skip
         return out
 
     def rms_norm(self, x: cp.ndarray, weight: cp.ndarray, eps: float) -> cp.ndarray:
         x = row_major(x)
         out = self.k.empty(x.shape, BF16)
-        self.k.launch("norm.cu", "rms_norm", (x.shape[0],), _norm_threads(x.shape[1]),
+        self.k.launch("norm.cu", "rms_norm", (x.shape[0],), norm_threads(x.shape[1]),
                       (x, weight, out, x.shape[1], float(eps)))  # fmt: skip
         return out
 
@@ -159,7 +150,7 @@ class CupyOps(Ops):
         out = self.k.empty((t, h), BF16)  # [T, H] normalized
         res_out = self.k.empty((t, h), np.float32)  # [T, H] the residual stream
         args = (x, x_f32, residual, res_f32, weight, out, res_out, h, float(eps))
-        self.k.launch("norm.cu", "add_rms_norm", (t,), _norm_threads(h), args)
+        self.k.launch("norm.cu", "add_rms_norm", (t,), norm_threads(h), args)
         return out, res_out
 
     def linear(self, x: cp.ndarray, weight: CupyLinear | cp.ndarray) -> cp.ndarray:
@@ -183,7 +174,7 @@ class CupyOps(Ops):
         out = self.k.empty((t, heads, d), BF16)  # [T, heads, D], contiguous
         args = (x, np.int64(x.strides[0] // 2), np.int64(x.strides[1] // 2),
                 row_major(positions, np.int64), inv_freq, out, heads, d)  # fmt: skip
-        self.k.launch("rope_kv.cu", "rope", (t,), _threads(min(heads * d // 2, 256)), args)
+        self.k.launch("rope_kv.cu", "rope", (t,), threads_for(min(heads * d // 2, 256)), args)
         return out
 
     def write_kv(
@@ -195,7 +186,7 @@ class CupyOps(Ops):
         args = (k, np.int64(k.strides[0] // 2), v, np.int64(v.strides[0] // 2),
                 row_major(slot_mapping, np.int64), kv_layer, np.int64(kv_layer[0].size),
                 kv_heads * d)  # fmt: skip
-        self.k.launch("rope_kv.cu", "write_kv", (t,), _threads(min(kv_heads * d, 256)), args)
+        self.k.launch("rope_kv.cu", "write_kv", (t,), threads_for(min(kv_heads * d, 256)), args)
 
     def rope_write_kv(
         self, qkv: cp.ndarray, heads: int, kv_heads: int, positions: cp.ndarray, theta: float,
@@ -208,7 +199,7 @@ class CupyOps(Ops):
         args = (qkv, np.int64(qkv.strides[0] // 2), row_major(positions, np.int64),
                 self._rope_freq(theta, d), q, row_major(slot_mapping, np.int64), kv_layer,
                 np.int64(kv_layer[0].size), heads, kv_heads, d)  # fmt: skip
-        threads = _threads(min((heads + kv_heads) * d // 2, 512))
+        threads = threads_for(min((heads + kv_heads) * d // 2, 512))
         self.k.launch("rope_kv.cu", "rope_qkv_write_kv", (t,), threads, args)
         return q
 
@@ -257,15 +248,38 @@ class CupyOps(Ops):
         norm_min: float, gate_up: CupyLinear | cp.ndarray, down: CupyLinear | cp.ndarray,
         shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | None = None,
     ) -> cp.ndarray:  # fmt: skip
-        if shared is None or not self._decode_experts(x, _data(gate_up), shared):
+        if not self._decode_experts(x, _data(gate_up), shared):
             return super().moe(x, router, correction_bias, top_k, norm_min, gate_up, down, shared)
-        # the shared experts need no routing: they start first, on a side stream, and stream
-        # their weights while the router's latency-bound kernels run
+        return self._decode_moe(x, router, correction_bias, top_k, norm_min, gate_up, down,
+                                shared)  # fmt: skip
+
+    def moe_add_rms_norm(
+        self, x: cp.ndarray, router: cp.ndarray, correction_bias: cp.ndarray, top_k: int,
+        norm_min: float, gate_up: CupyLinear | cp.ndarray, down: CupyLinear | cp.ndarray,
+        shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | None,
+        residual: cp.ndarray, weight: cp.ndarray, eps: float,
+    ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
+        if not self._decode_experts(x, _data(gate_up), shared):
+            return super().moe_add_rms_norm(x, router, correction_bias, top_k, norm_min, gate_up,
+                                            down, shared, residual, weight, eps)  # fmt: skip
+        # the experts' weighted sum, the residual add and the norm in one launch
+        return self._decode_moe(x, router, correction_bias, top_k, norm_min, gate_up, down,
+                                shared, norm=(residual, weight, eps))  # fmt: skip
+
+    def _decode_moe(
+        self, x: cp.ndarray, router: cp.ndarray, correction_bias: cp.ndarray, top_k: int,
+        norm_min: float, gate_up: CupyLinear | cp.ndarray, down: CupyLinear | cp.ndarray,
+        shared: tuple | None, norm: tuple | None = None,
+    ) -> Any:  # fmt: skip
         x = row_major(x)
-        inter = _data(gate_up).shape[1] // 2
-        pending = cupy_moe.shared_on_side(self.k, x, inter, tuple(_data(w) for w in shared))
+        pending = None
+        if shared is not None:
+            # the shared experts need no routing: they start first, on a side stream, and
+            # stream their weights while the router's latency-bound kernels run
+            inter = _data(gate_up).shape[1] // 2
+            pending = cupy_moe.shared_on_side(self.k, x, inter, tuple(_data(w) for w in shared))
         weights, ids = self.moe_route(x, router, correction_bias, top_k, norm_min)
-        return self.moe_experts(x, weights, ids, gate_up, down, pending)
+        return self.moe_experts(x, weights, ids, gate_up, down, pending, norm=norm)
 
     def _decode_experts(self, x: cp.ndarray, gate_up: cp.ndarray, shared: tuple | None) -> bool:
         """Whether a batch of x's tokens takes the decode experts path (cupy_moe.decode_experts)
@@ -290,15 +304,30 @@ class CupyOps(Ops):
         gate_up: CupyLinear | cp.ndarray,
         down: CupyLinear | cp.ndarray,
         shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | Pending | None = None,
-    ) -> cp.ndarray:
-        """`shared` may also be CupyOps.moe's shared experts' output, on its way (`Pending`)."""
+        norm: tuple[cp.ndarray, cp.ndarray, float] | None = None,
+    ) -> Any:
+        """`shared` may also be CupyOps.moe's shared experts' output, on its way (`Pending`).
+        With `norm` = (residual, weight, eps), returns `add_rms_norm` of the output instead,
+        fused into the experts' last launch on the decode path."""
         gate_up, down = _data(gate_up), _data(down)
         args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
                 row_major(gate_up), row_major(down))  # fmt: skip
         if isinstance(shared, Pending) or self._decode_experts(x, gate_up, shared):
             if isinstance(shared, tuple):
                 shared = tuple(_data(w) for w in shared)
-            return cupy_moe.decode_experts(self.k, *args, shared)
+            if norm is None:
+                return cupy_moe.decode_experts(self.k, *args, shared)
+            residual, weight, eps = norm
+            res_f32 = residual.dtype == np.float32
+            residual = row_major(residual, residual.dtype if res_f32 else BF16)
+            return cupy_moe.decode_experts(self.k, *args, shared, norm=(residual, weight, eps))
+        out = self._moe_experts(args, shared)
+        return out if norm is None else self.add_rms_norm(out, *norm)
+
+    def _moe_experts(self, args: tuple, shared: tuple | None) -> cp.ndarray:
+        """The experts off the decode path: cuBLAS GEMMs for prefill, GEMV-like kernels over
+        pairs for dims the decode kernels do not take."""
+        x, gate_up = args[0], args[3]
         if self._prefill_experts(x.shape[0]):
             counted = cupy_moe_prefill.count(self.k, args[2], gate_up.shape[0])
             # queued behind the counting: the GPU runs the shared experts while the host waits

@@ -63,6 +63,13 @@ class ErnieMoeMLP:
         out = self.ops.mlp(x, self.gate_up, self.down)
         return out if self.tp is None else self.tp.all_reduce(out)
 
+    def add_rms_norm(
+        self, x: Array, residual: Array, weight: Array, eps: float
+    ) -> tuple[Array, Array]:
+        """The MLP's output of x added to the residual stream and normalized by `weight`:
+        (normalized, residual')."""
+        return self.ops.add_rms_norm(self(x), residual, weight, eps)
+
 
 class ErnieMoeSparseBlock:
     """Routed experts (top-k of a float32 softmax plus correction bias) and shared experts."""
@@ -80,11 +87,25 @@ class ErnieMoeSparseBlock:
         self.down = ops.linear_weight(w.down, quant)  # [E, H, I]
         self.shared = ErnieMoeMLP(ops, w.shared, quant, None) if w.shared is not None else None
 
+    def _shared(self) -> tuple[Array, Array] | None:
+        return None if self.shared is None else (self.shared.gate_up, self.shared.down)
+
     def __call__(self, x: Array) -> Array:
-        shared = None if self.shared is None else (self.shared.gate_up, self.shared.down)
         out = self.ops.moe(x, self.router, self.correction_bias, self.top_k, self.norm_min,
-                           self.gate_up, self.down, shared)  # fmt: skip
+                           self.gate_up, self.down, self._shared())  # fmt: skip
         return self.tp.all_reduce(out)  # [T, H]
+
+    def add_rms_norm(
+        self, x: Array, residual: Array, weight: Array, eps: float
+    ) -> tuple[Array, Array]:
+        """The layer's output of x added to the residual stream and normalized by `weight`:
+        (normalized, residual'). On one rank the backend may fuse the experts' weighted sum
+        into the norm; across ranks the sum is all-reduced first."""
+        if self.tp.size > 1:
+            return self.ops.add_rms_norm(self(x), residual, weight, eps)
+        return self.ops.moe_add_rms_norm(x, self.router, self.correction_bias, self.top_k,
+                                         self.norm_min, self.gate_up, self.down, self._shared(),
+                                         residual, weight, eps)  # fmt: skip
 
 
 class ErnieMoeDecoderLayer:
@@ -102,16 +123,15 @@ class ErnieMoeDecoderLayer:
             self.mlp = ErnieMoeMLP(ops, w.mlp, quant, tp)
 
     def __call__(
-        self, x: Array, residual: Array | None, kv_layer: Array, batch: ForwardBatch
+        self, h: Array, residual: Array, kv_layer: Array, batch: ForwardBatch, next_norm: Array
     ) -> tuple[Array, Array]:
-        """Returns (this layer's output, the residual stream before adding it)."""
-        if residual is None:
-            residual, h = x, self.ops.rms_norm(x, self.input_norm, self.eps)
-        else:
-            h, residual = self.ops.add_rms_norm(x, residual, self.input_norm, self.eps)
+        """h: this layer's input, already normalized by `input_norm`; residual: the stream it
+        was normalized from. Returns (the stream after this layer normalized by `next_norm`,
+        the next layer's input norm or the final one, and the stream): each norm runs where
+        the sum before it is made, so a backend can fuse the two."""
         h = self.self_attn(h, kv_layer, batch)
         h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_norm, self.eps)
-        return self.mlp(h), residual
+        return self.mlp.add_rms_norm(h, residual, next_norm, self.eps)
 
 
 class ErnieMoeForCausalLM:
@@ -152,13 +172,13 @@ class ErnieMoeForCausalLM:
     def forward(self, batch: ForwardBatch, kv_cache: Array) -> Array | None:
         """Logits [L, V] float32 for the rows batch.logits_indices of the T input tokens (on
         rank 0; other ranks return None)."""
-        x = self.ops.embedding(self.embed, batch.input_ids)  # [T, H]
-        residual = None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, kv_cache[i], batch)
+        residual = self.ops.embedding(self.embed, batch.input_ids)  # [T, H]
+        x = self.ops.rms_norm(residual, self.layers[0].input_norm, self.config.rms_norm_eps)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            x, residual = layer(x, residual, kv_cache[i], batch, next_norm)
             if batch.after_layer is not None:
                 batch.after_layer(i)
-        x, _ = self.ops.add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps)
         x = x[batch.logits_indices]  # [L, H]
         return self.tp.gather(self.ops.linear(x, self.lm_head))  # [L, V]
 

@@ -57,6 +57,16 @@ def decode_chunks(seqs: list, tables: list) -> list[SeqChunk]:
     return [SeqChunk(s, len(s) - 1, 1, t) for s, t in zip(seqs, tables)]
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 32])
+def test_staged_inputs_are_16_byte_aligned(size):
+    """Every array of a graph's batch starts on 16 bytes, as the kernels' loads need: a
+    misaligned one would be copied inside every layer of the graph."""
+    from pdserve.backends.cupy_graphs import _StaticInputs
+
+    staged = _StaticInputs(size, 7)
+    assert all(a.data.ptr % 16 == 0 for a in staged.dev.values())
+
+
 def test_replay_equals_eager_forward_of_the_same_padded_batch(runners):
     """Graph replay against the same kernels launched eagerly on the graph's own padded batch:
     any difference would be a capture bug (stale input, a host-side value frozen at capture)."""

@@ -65,3 +65,32 @@ def test_qkv_rope_write_kv_equals_linear_then_rope_write_kv(rng, t, heads, kv_he
     assert cp.array_equal(pools[0].view(np.uint16), pools[1].view(np.uint16))
     written = (pools[0].view(np.uint16) != 0x3F80).any(axis=(0, 3, 4))
     assert int(written.sum()) == len(range(0, t, 2))  # each real row's slot, nothing else
+
+
+@pytest.mark.parametrize("t", [1, 7, 40])
+@pytest.mark.parametrize("res_f32", [False, True])
+def test_moe_add_rms_norm_equals_moe_then_add_rms_norm(rng, t, res_f32):
+    """The decode experts' combine with the residual add and the norm in its launch against
+    moe, then add_rms_norm: both outputs bit-identical, the shared experts included."""
+    ops = CupyOps(poison=True)
+    h, i, i_s, e, k = 264, 200, 400, 16, 6
+
+    def bf16(*shape, scale=1.0):
+        return ops.weight(round_bf16(rng.standard_normal(shape).astype(np.float32) * scale))
+
+    x = bf16(t, h)
+    router = ops.weight(rng.standard_normal((e, h)).astype(np.float32) * 0.1, fp32=True)
+    bias = ops.weight(rng.standard_normal(e).astype(np.float32) * 0.01, fp32=True)
+    gate_up, down = (ops.linear_weight(rng.standard_normal(s).astype(np.float32) * 0.05, None)
+                     for s in ((e, 2 * i, h), (e, h, i)))  # fmt: skip
+    shared = tuple(ops.linear_weight(rng.standard_normal(s).astype(np.float32) * 0.05, None)
+                   for s in ((2 * i_s, h), (h, i_s)))  # fmt: skip
+    residual = rng.standard_normal((t, h)).astype(np.float32)
+    residual = ops.to_device(residual) if res_f32 else bf16(t, h)
+    weight = bf16(h, scale=0.5)
+    moe = (x, router, bias, k, 1e-12, gate_up, down, shared)
+    fused = ops.moe_add_rms_norm(*moe, residual, weight, 1e-5)
+    plain = Ops.moe_add_rms_norm(ops, *moe, residual, weight, 1e-5)
+    assert cp.array_equal(fused[0].view(np.uint16), plain[0].view(np.uint16))
+    assert fused[1].dtype == plain[1].dtype == np.float32
+    assert cp.array_equal(fused[1], plain[1])
