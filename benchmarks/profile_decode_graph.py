@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import json
 import re
@@ -122,9 +123,17 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="override a pdserve.backends constant first, e.g. "
+                   "cupy_gemv.GEMV_MAX_TOKENS=32 (A/B runs)")  # fmt: skip
     p.add_argument("--report", type=Path, help="summarise an ncu CSV instead")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    for item in args.set:
+        name, value = item.split("=", 1)
+        module, attr = name.rsplit(".", 1)
+        target = importlib.import_module(f"pdserve.backends.{module}")
+        setattr(target, attr, type(getattr(target, attr))(value))
     if args.report:
         report(args.report, args.json)
     else:
