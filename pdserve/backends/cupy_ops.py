@@ -271,6 +271,7 @@ class CupyOps(Ops):
         norm_min: float, gate_up: CupyLinear | cp.ndarray, down: CupyLinear | cp.ndarray,
         shared: tuple | None, norm: tuple | None = None,
     ) -> Any:  # fmt: skip
+        """`moe` on the decode experts path (or `moe_add_rms_norm` with `norm`)."""
         x = row_major(x)
         pending = None
         if shared is not None:
