@@ -97,6 +97,21 @@ def greedy_step(runner: ModelRunner, chunks: list[SeqChunk]) -> tuple[np.ndarray
     return picked
 
 
+def decode_chunks(rng: np.random.Generator, vocab: int, batch: int, context: int) -> list:
+    """`batch` decode rows of one new token over `context` random tokens each, sequence s in
+    KV blocks s * per_seq onwards (per_seq = the blocks one sequence needs)."""
+    per_seq = -(-(context + 1) // BLOCK)
+    return [
+        SeqChunk(
+            rng.integers(3, vocab, context + 1).tolist(),
+            context,
+            1,
+            list(range(s * per_seq, (s + 1) * per_seq)),
+        )  # fmt: skip
+        for s in range(batch)
+    ]
+
+
 def step_row(runs: list[float], logits: Any) -> dict:
     return {
         "ms": statistics.median(runs),
@@ -150,15 +165,7 @@ def run_ours(args: argparse.Namespace, dev: Device, cfg: dict, out: dict, clock:
             out["skipped"].append(f"ours decode batch {b}: out of time")
             continue
         with section(out, f"ours decode batch {b}"):
-            chunks = [
-                SeqChunk(
-                    rng.integers(3, c.vocab_size, args.context + 1).tolist(),
-                    args.context,
-                    1,
-                    list(range(s * per_seq, (s + 1) * per_seq)),
-                )
-                for s in range(b)
-            ]
+            chunks = decode_chunks(rng, c.vocab_size, b, args.context)
             runs, (ids, logprobs) = median_ms(
                 lambda ch=chunks: greedy_step(runner, ch), dev, args.warmup, args.repeat
             )

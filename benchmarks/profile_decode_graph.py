@@ -30,11 +30,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from bench_engine import BLOCK, FULL_CONFIG, greedy_step
+from bench_engine import BLOCK, FULL_CONFIG, decode_chunks, greedy_step
 from engine_device import Device, make_ops, random_weights
 
 from pdserve.config import ModelConfig
-from pdserve.engine.model_runner import ModelRunner, SeqChunk
+from pdserve.engine.model_runner import ModelRunner
 from pdserve.model.ernie45_moe import ErnieMoeForCausalLM
 
 
@@ -50,16 +50,7 @@ def replay(batch: int, context: int, max_model_len: int, repeat: int) -> None:
                          max_model_len=max_model_len)  # fmt: skip
     for layer_kv in runner.kv_cache:
         dev.fill_randn(layer_kv)
-    rng = np.random.default_rng(0)
-    chunks = [
-        SeqChunk(
-            rng.integers(3, c.vocab_size, context + 1).tolist(),
-            context,
-            1,
-            list(range(s * per_seq, (s + 1) * per_seq)),
-        )  # fmt: skip
-        for s in range(batch)
-    ]
+    chunks = decode_chunks(np.random.default_rng(0), c.vocab_size, batch, context)
     runs = []
     for i in range(repeat + 3):
         dev.sync()

@@ -206,6 +206,17 @@ extern "C" __global__ void moe_combine_decode(const float* __restrict__ y,
     out[(long long)t * H + h] = f2bf(combined(y, y_shared, row, wt, topk, n_shared, T, t, H, h));
 }
 
+// r[c] = src[threadIdx.x + c * blockDim.x] (a thread's elements of a row, as norm.cuh lays them
+// out) where `ok` and inside the row's H elements, else 0.
+__device__ __forceinline__ void load_row(float (&r)[NORM_VALS], const float* __restrict__ src,
+                                         bool ok, int H) {
+#pragma unroll
+  for (int c = 0; c < NORM_VALS; ++c) {
+    const int i = threadIdx.x + c * blockDim.x;
+    r[c] = ok && i < H ? src[i] : 0.0f;
+  }
+}
+
 // moe_combine_decode, then add_rms_norm (norm.cu) of its output in the same launch, rounding as
 // the two do: res_out[t] = bf16(combined(t)) + residual[t] in float32 (residual bf16, or float32
 // when res_f32), out[t] = rms_norm(res_out[t]) * w as bf16. One block per token; blockDim.x *
@@ -228,35 +239,20 @@ extern "C" __global__ void moe_combine_add_rms_norm(
   // the sums of combined(), term by term in its order; the first terms' loads all up front
   float yk[8][NORM_VALS], ys[4][NORM_VALS];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const float* yr = y + (long long)row[k < topk ? k : 0] * H;
+  for (int k = 0; k < 8; ++k)
+    load_row(yk[k], y + (long long)row[k < topk ? k : 0] * H, k < topk, H);
 #pragma unroll
-    for (int c = 0; c < NORM_VALS; ++c) {
-      const int i = threadIdx.x + c * blockDim.x;
-      yk[k][c] = k < topk && i < H ? yr[i] : 0.0f;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float* yr = y_shared + ((long long)j * T + t) * H;
-#pragma unroll
-    for (int c = 0; c < NORM_VALS; ++c) {
-      const int i = threadIdx.x + c * blockDim.x;
-      ys[j][c] = j < n_shared && i < H ? yr[i] : 0.0f;
-    }
-  }
+  for (int j = 0; j < 4; ++j)
+    load_row(ys[j], y_shared + ((long long)j * T + t) * H, j < n_shared, H);
 #pragma unroll
   for (int k = 0; k < 8; ++k)
     if (k < topk)
 #pragma unroll
       for (int c = 0; c < NORM_VALS; ++c) v[c] += wt[k] * yk[k][c];
-  for (int k = 8; k < topk; ++k) {
-    const float* yr = y + (long long)row[k] * H;
+  for (int k = 8; k < topk; ++k) {  // yk[0] free again
+    load_row(yk[0], y + (long long)row[k] * H, true, H);
 #pragma unroll
-    for (int c = 0; c < NORM_VALS; ++c) {
-      const int i = threadIdx.x + c * blockDim.x;
-      if (i < H) v[c] += wt[k] * yr[i];
-    }
+    for (int c = 0; c < NORM_VALS; ++c) v[c] += wt[k] * yk[0][c];
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j)
@@ -264,12 +260,9 @@ extern "C" __global__ void moe_combine_add_rms_norm(
 #pragma unroll
       for (int c = 0; c < NORM_VALS; ++c) v[c] += ys[j][c];
   for (int j = 4; j < n_shared; ++j) {
-    const float* yr = y_shared + ((long long)j * T + t) * H;
+    load_row(ys[0], y_shared + ((long long)j * T + t) * H, true, H);
 #pragma unroll
-    for (int c = 0; c < NORM_VALS; ++c) {
-      const int i = threadIdx.x + c * blockDim.x;
-      if (i < H) v[c] += yr[i];
-    }
+    for (int c = 0; c < NORM_VALS; ++c) v[c] += ys[0][c];
   }
 #pragma unroll
   for (int c = 0; c < NORM_VALS; ++c) {

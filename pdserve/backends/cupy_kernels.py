@@ -161,6 +161,12 @@ def row_major(x: cp.ndarray, dtype: np.dtype = BF16) -> cp.ndarray:
     return x
 
 
+def row_major_float(x: cp.ndarray) -> cp.ndarray:
+    """`row_major` for the kernels that read either float32 or bf16 (the residual stream): a
+    float32 `x` stays float32, anything else becomes bf16."""
+    return row_major(x, x.dtype if x.dtype == np.float32 else BF16)
+
+
 def gemm(k: Kernels, x: cp.ndarray, w: cp.ndarray, out_dtype: np.dtype) -> cp.ndarray:
     """x [M, K] bf16 (unit column stride) times w [N, K] bf16, transposed: [M, N] in
     `out_dtype` (bf16 or float32), float32 accumulation through cublasGemmEx (capturable)."""

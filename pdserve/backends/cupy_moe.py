@@ -15,7 +15,14 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from pdserve.backends.cupy_kernels import BF16, Kernels, Pending, norm_threads, row_major
+from pdserve.backends.cupy_kernels import (
+    BF16,
+    Kernels,
+    Pending,
+    norm_threads,
+    row_major,
+    row_major_float,
+)
 
 ROUTE_TOKENS = 8  # ROUTE_TOKENS in csrc/moe.cu
 ROUTE_SPLIT = 256  # ROUTE_SPLIT
@@ -156,8 +163,9 @@ def combine(
                  (y, y_s, pos, weights, out, t, h, top_k, n_shared))  # fmt: skip
         return out
     residual, weight, eps = norm
+    residual = row_major_float(residual)
     res_out = k.empty((t, h), np.float32)
-    k.launch("moe_decode.cu", "moe_combine_add_rms_norm", (t,), max(norm_threads(h), top_k),
+    k.launch("moe_decode.cu", "moe_combine_add_rms_norm", (t,), norm_threads(h),
              (y, y_s, pos, weights, residual, residual.dtype == np.float32, weight, out,
               res_out, t, h, top_k, n_shared, float(eps)))  # fmt: skip
     return out, res_out

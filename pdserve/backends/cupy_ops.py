@@ -37,6 +37,7 @@ from pdserve.backends.cupy_kernels import (
     bf16_bits_to_f32,
     norm_threads,
     row_major,
+    row_major_float,
     threads_for,
     to_bf16_bits,
 )
@@ -143,13 +144,12 @@ class CupyOps(Ops):
     def add_rms_norm(
         self, x: cp.ndarray, residual: cp.ndarray, weight: cp.ndarray, eps: float
     ) -> tuple[cp.ndarray, cp.ndarray]:
-        x_f32, res_f32 = x.dtype == np.float32, residual.dtype == np.float32
-        x = row_major(x, x.dtype if x_f32 else BF16)
-        residual = row_major(residual, residual.dtype if res_f32 else BF16)
+        x, residual = row_major_float(x), row_major_float(residual)
         t, h = x.shape
         out = self.k.empty((t, h), BF16)  # [T, H] normalized
         res_out = self.k.empty((t, h), np.float32)  # [T, H] the residual stream
-        args = (x, x_f32, residual, res_f32, weight, out, res_out, h, float(eps))
+        args = (x, x.dtype == np.float32, residual, residual.dtype == np.float32, weight, out,
+                res_out, h, float(eps))  # fmt: skip
         self.k.launch("norm.cu", "add_rms_norm", (t,), norm_threads(h), args)
         return out, res_out
 
@@ -316,12 +316,7 @@ class CupyOps(Ops):
         if isinstance(shared, Pending) or self._decode_experts(x, gate_up, shared):
             if isinstance(shared, tuple):
                 shared = tuple(_data(w) for w in shared)
-            if norm is None:
-                return cupy_moe.decode_experts(self.k, *args, shared)
-            residual, weight, eps = norm
-            res_f32 = residual.dtype == np.float32
-            residual = row_major(residual, residual.dtype if res_f32 else BF16)
-            return cupy_moe.decode_experts(self.k, *args, shared, norm=(residual, weight, eps))
+            return cupy_moe.decode_experts(self.k, *args, shared, norm=norm)
         out = self._moe_experts(args, shared)
         return out if norm is None else self.add_rms_norm(out, *norm)
 

@@ -126,9 +126,9 @@ class ErnieMoeDecoderLayer:
         self, h: Array, residual: Array, kv_layer: Array, batch: ForwardBatch, next_norm: Array
     ) -> tuple[Array, Array]:
         """h: this layer's input, already normalized by `input_norm`; residual: the stream it
-        was normalized from. Returns (the stream after this layer normalized by `next_norm`,
-        the next layer's input norm or the final one, and the stream): each norm runs where
-        the sum before it is made, so a backend can fuse the two."""
+        was normalized from. Returns (the stream after this layer, normalized by `next_norm`,
+        which is the next layer's `input_norm` or the final norm; the stream itself). Each norm
+        runs where the sum before it is made, so a backend can fuse the two."""
         h = self.self_attn(h, kv_layer, batch)
         h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_norm, self.eps)
         return self.mlp.add_rms_norm(h, residual, next_norm, self.eps)
