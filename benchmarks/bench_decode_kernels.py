@@ -35,7 +35,7 @@ import cupy as cp
 import numpy as np
 
 from pdserve.backends import cupy_gemv, cupy_moe
-from pdserve.backends.cupy_kernels import BF16, Kernels, Pending, _kernel, gemm, row_major
+from pdserve.backends.cupy_kernels import BF16, Kernels, Pending, compiled, gemm, row_major
 
 BANDWIDTH = 4.2e12  # bytes/s: the floor's copy bandwidth (DESIGN.md 5a)
 H, I_MOE, E, TOP_K = 2560, 1536, 64, 6
@@ -350,7 +350,7 @@ def kernel_resources() -> dict:
     names += [("moe.cu", n) for n in ("moe_router_logits", "moe_topk", "moe_group")]
     out = {}
     for file, name in names:
-        fn = _kernel(file, name)
+        fn = compiled(file, name)
         out[name] = {"regs": fn.num_regs, "local_bytes": fn.local_size_bytes}
     print("kernels:", " ".join(f"{n}={v['regs']}r/{v['local_bytes']}B" for n, v in out.items()))
     return out

@@ -19,11 +19,22 @@ struct alignas(16) u32x4 {  // 16 bytes, for wide loads (CUDA's uint4 needs its 
 // until the previous kernel has finished and its writes are visible (at once when launched the
 // usual way), then lets the next kernel launch, whose blocks are scheduled and wait in turn while
 // this one runs, hiding its launch latency. Nothing may be read or written before it.
-__device__ __forceinline__ void pdl_start() {
+// Its two halves are apart for kernels that touch no memory before waiting (csrc/prefetch.cu).
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+__device__ __forceinline__ void pdl_start() {
+  pdl_wait();
+  pdl_launch_dependents();
 }
 
 __device__ __forceinline__ float bf2f(bf16_t v) { return __uint_as_float(((u32)v) << 16); }

@@ -16,15 +16,27 @@
 #define PDSERVE_WEIGHT_STREAM_CUH
 #include "common.cuh"
 
-// 16 weight bytes, read once: bypass L1 so the activations that every warp re-reads stay there.
-// (Asking L2 for 256-byte fetches, .L2::256B, sped one MoE layer up 6% in
-// bench_decode_kernels.py but left whole decode steps as fast at batch 32 and 3% slower at 1
-// and 8, measured in one run on the H200: not used.)
+// 16 weight bytes, read once: bypass L1 so the activations that every warp re-reads stay there,
+// and ask L2 to evict the line first, so that streaming a layer's experts does not push out the
+// weights csrc/prefetch.cu brought in for the launches after it. (Asking L2 for 256-byte
+// fetches, .L2::256B, sped one MoE layer up 6% in bench_decode_kernels.py but left whole decode
+// steps as fast at batch 32 and 3% slower at 1 and 8, measured in one run on the H200: not used.)
+#ifndef PDSERVE_EVICT_FIRST
+#define PDSERVE_EVICT_FIRST 1
+#endif
 __device__ __forceinline__ u32x4 ld_weight(const bf16_t* p) {
   u32x4 v;
+#if PDSERVE_EVICT_FIRST
+  unsigned long long policy;  // not volatile: the compiler may hoist it out of the loops
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "l"(policy));
+#else
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
+#endif
   return v;
 }
 

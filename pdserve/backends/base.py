@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -152,13 +153,20 @@ class Ops(ABC):
     def moe_add_rms_norm(
         self, x: Array, router: Array, correction_bias: Array, top_k: int, norm_min: float,
         gate_up: Array, down: Array, shared: tuple[Array, Array] | None,
-        residual: Array, weight: Array, eps: float,
+        residual: Array, weight: Array, eps: float, prefetch: Sequence[Array] = (),
     ) -> tuple[Array, Array]:  # fmt: skip
         """`add_rms_norm(moe(...), residual, weight, eps)`: a MoE layer's output added to the
         residual stream and normalized for what comes next. Backends may fuse the experts'
-        weighted sum into the norm."""
+        weighted sum into the norm. `prefetch`: weights read after this (`prefetch`), which a
+        backend may bring in at whatever point of the layer suits it."""
+        self.prefetch(*prefetch)
         out = self.moe(x, router, correction_bias, top_k, norm_min, gate_up, down, shared)
         return self.add_rms_norm(out, residual, weight, eps)
+
+    def prefetch(self, *weights: Array) -> None:
+        """A hint: these weights are read soon. A backend may start bringing them closer (into
+        its cache) now, beside the work queued next; the default does nothing."""
+        return None
 
     def mlp(self, x: Array, gate_up: Array, down: Array) -> Array:
         """SwiGLU MLP, down(silu_mul(gate_up(x))): [T, H]."""

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cupy as cp
 import ml_dtypes
@@ -47,14 +48,28 @@ def _source(name: str) -> str:
     return _INCLUDE.sub(lambda m: _source(m.group(1)), path.read_text())
 
 
-@functools.cache
-def _module(name: str) -> cp.RawModule:
-    return cp.RawModule(code=_source(name), options=("--std=c++17",))
+# Compile-time switches of csrc (-D NAME=value), read at each kernel's first use, so benchmarks
+# can A/B them in one process (profile_decode_graph.py --set cupy_kernels.EVICT_FIRST=0).
+EVICT_FIRST = 0  # weight_stream.cuh: weight loads ask L2 to evict their lines first
+
+
+def _defines() -> tuple[str, ...]:
+    return (f"-DPDSERVE_EVICT_FIRST={int(EVICT_FIRST)}",)
 
 
 @functools.cache
-def _kernel(file: str, name: str) -> cp.RawKernel:
-    return _module(file).get_function(name)
+def _module(name: str, defines: tuple[str, ...]) -> cp.RawModule:
+    return cp.RawModule(code=_source(name), options=("--std=c++17", *defines))
+
+
+@functools.cache
+def _kernel(file: str, name: str, defines: tuple[str, ...]) -> cp.RawKernel:
+    return _module(file, defines).get_function(name)
+
+
+def compiled(file: str, name: str) -> cp.RawKernel:
+    """Kernel `name` of csrc/`file`, built with the switches as they are now."""
+    return _kernel(file, name, _defines())
 
 
 def _arg(v: object) -> object:
@@ -91,22 +106,38 @@ class Kernels:
         self.poison = poison
         self.overlap = False
         self.num_sms: int = cp.cuda.Device().attributes["MultiProcessorCount"]
-        self._side: cp.cuda.Stream | None = None
+        self._streams: dict[str, cp.cuda.Stream] = {}
+        self._detached: list[cp.cuda.Event] = []
 
-    def on_side(self, fn: Callable[..., cp.ndarray], *args: object) -> Pending:
-        """Queue fn(*args) on a second stream, after all work queued so far on the current one,
-        so that it overlaps what the current stream does next (also inside a CUDA-graph capture,
-        where it becomes a parallel branch). Inputs must stay referenced until `Pending.get`."""
-        if self._side is None:
-            self._side = cp.cuda.Stream(non_blocking=True)
+    def on_side(self, fn: Callable[..., Any], *args: object, lane: str = "side") -> Pending:
+        """Queue fn(*args) on a second stream (one per `lane`), after all work queued so far on
+        the current one, so that it overlaps what the current stream does next (also inside a
+        CUDA-graph capture, where it becomes a parallel branch). Inputs must stay referenced
+        until `Pending.get`."""
+        side = self._streams.get(lane)
+        if side is None:
+            side = self._streams[lane] = cp.cuda.Stream(non_blocking=True)
         start = cp.cuda.Event(disable_timing=True)
         start.record(cp.cuda.get_current_stream())
-        self._side.wait_event(start)
-        with self._side:
+        side.wait_event(start)
+        with side:
             value = fn(*args)
         done = cp.cuda.Event(disable_timing=True)
-        done.record(self._side)
+        done.record(side)
         return Pending(value, done)
+
+    def detach(self, fn: Callable[..., Any], *args: object) -> None:
+        """`on_side` for work nothing waits on (prefetches): it runs on its own lane, and the
+        current stream waits for it only at `join`, which a CUDA-graph capture must call before
+        it ends."""
+        self._detached.append(self.on_side(fn, *args, lane="detached").done)
+
+    def join(self) -> None:
+        """The current stream waits for everything `detach` queued so far."""
+        stream = cp.cuda.get_current_stream()
+        for done in self._detached:
+            stream.wait_event(done)
+        self._detached.clear()
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> cp.ndarray:
         out = cp.empty(shape, dtype=dtype)
@@ -129,7 +160,7 @@ class Kernels:
     ) -> None:
         """Run kernel `name` of csrc/`file`; ints are passed as int32, floats as float32 (pass
         np.int64 for `long long` parameters)."""
-        kernel = _kernel(file, name)
+        kernel = compiled(file, name)
         if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:
             kernel.max_dynamic_shared_size_bytes = shared
         args = tuple(map(_arg, args))

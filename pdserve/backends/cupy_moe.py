@@ -12,9 +12,12 @@ kernels over (token, expert) pairs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cupy as cp
 import numpy as np
 
+from pdserve.backends import cupy_prefetch
 from pdserve.backends.cupy_kernels import (
     BF16,
     Kernels,
@@ -103,11 +106,13 @@ def _one_wave_warps(k: Kernels, blocks: int, choices: tuple[int, ...]) -> int:
 def gate_up_act(
     k: Kernels, x: cp.ndarray, group: tuple, inter: int, gate_up: cp.ndarray | None,
     shared_gate_up: cp.ndarray | None, top_k: int, warps: int | None = None,
-    token_tiles: int | None = None,
+    token_tiles: int | None = None, prefetch_down: cp.ndarray | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
     """silu(gate(x)) * up(x) for every pair of the routed experts (gate_up [E, 2 inter, H];
     None when the group has no slots), rows in the group's order, [P, inter]; and for the
-    shared experts (gate_up [2Is, H]) if given, [T, Is] (else [T, 0])."""
+    shared experts (gate_up [2Is, H]) if given, [T, Is] (else [T, 0]). With `prefetch_down`
+    (the experts' down [E, H, inter]), the launch also prefetches each touched expert's down
+    matrix into L2."""
     t, h = x.shape
     inter_s = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
     slots = group[1].size + _cdiv(inter_s, inter)
@@ -118,7 +123,8 @@ def gate_up_act(
     either = shared_gate_up if gate_up is None else gate_up  # what the other pointer takes
     k.launch("moe_decode.cu", f"moe_gate_up_nt{nt}", (slots, _cdiv(inter, 16)), 32 * warps,
              (x, *group, either, either if shared_gate_up is None else shared_gate_up, act,
-              act_s, t, h, inter, inter_s, top_k, group[1].size, _cdiv(_cdiv(h, 32), warps)),
+              act_s, t, h, inter, inter_s, top_k, group[1].size, _cdiv(_cdiv(h, 32), warps),
+              np.uint64(0) if prefetch_down is None else prefetch_down),
              shared=4 * warps * 2 * 16 * 8 * nt)  # fmt: skip
     return act, act_s
 
@@ -215,6 +221,7 @@ def decode_experts(
     down_warps: int = 4,
     token_tiles: int | None = None,
     norm: tuple[cp.ndarray, cp.ndarray, float] | None = None,
+    prefetch: Sequence[cp.ndarray] | None = None,
 ) -> cp.ndarray | tuple[cp.ndarray, cp.ndarray]:
     """The decode experts path (csrc/moe_decode.cu): x [T, H] bf16, weights [T, K] f32, ids
     [T, K] int32 (all row-major), gate_up [E, 2I, H], down [E, H, I] bf16 with H and I
@@ -224,7 +231,9 @@ def decode_experts(
     one slot per expert a pair may touch (min(E, T * K); slots no expert fills exit at once),
     times I / 16 rows for gate_up and H / 16 for down. The keyword arguments tune the routed
     launches (benchmarks: token_tiles is 1, 2 or 4 tiles of 8 tokens a chunk). `norm`: see
-    `combine`."""
+    `combine`. With `prefetch` (a list, maybe empty), L2 prefetches start on a detached stream
+    (cupy_prefetch): the touched experts' down matrices beside gate_up when few enough, and the
+    arrays of `prefetch` once gate_up is done."""
     for w in (gate_up_warps, down_warps):
         if w is not None and not 1 <= w <= 4:
             raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
@@ -232,8 +241,14 @@ def decode_experts(
     if isinstance(shared, tuple):
         shared = shared_on_side(k, x, inter, shared)
     group, pos = group_pairs(k, ids, gate_up.shape[0])
+    down_l2 = prefetch is not None and cupy_prefetch.experts_fit(group[1].size, down)
+    if down_l2 and not cupy_prefetch.INLINE:
+        k.detach(cupy_prefetch.expert_matrices, k, group[1], down)
+    in_gate_up = down if down_l2 and cupy_prefetch.INLINE else None
     act, act_s = gate_up_act(k, x, group, inter, gate_up, None, ids.shape[1], gate_up_warps,
-                             token_tiles)  # fmt: skip
+                             token_tiles, in_gate_up)  # fmt: skip
+    if prefetch:
+        cupy_prefetch.start(k, cupy_prefetch.l2, k, prefetch)
     y, _ = down_proj(k, act, act_s, group, x.shape[1], down, None, down_warps, token_tiles)
     y_s = k.empty((0, x.shape[0], x.shape[1]), np.float32) if shared is None else shared.get()
     return combine(k, y, y_s, pos, weights, norm)

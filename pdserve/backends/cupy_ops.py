@@ -15,6 +15,7 @@ ctypes, float32 accumulation); everything else is csrc/*.cu.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from pdserve.backends import (
     cupy_gemv,
     cupy_moe,
     cupy_moe_prefill,
+    cupy_prefetch,
     cupy_route_prefill,
 )
 from pdserve.backends.base import Array, Ops
@@ -258,20 +260,24 @@ class CupyOps(Ops):
         norm_min: float, gate_up: CupyLinear | cp.ndarray, down: CupyLinear | cp.ndarray,
         shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | None,
         residual: cp.ndarray, weight: cp.ndarray, eps: float,
+        prefetch: Sequence[CupyLinear | cp.ndarray] = (),
     ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
         if not self._decode_experts(x, _data(gate_up), shared):
             return super().moe_add_rms_norm(x, router, correction_bias, top_k, norm_min, gate_up,
-                                            down, shared, residual, weight, eps)  # fmt: skip
+                                            down, shared, residual, weight, eps,
+                                            prefetch)  # fmt: skip
         # the experts' weighted sum, the residual add and the norm in one launch
         return self._decode_moe(x, router, correction_bias, top_k, norm_min, gate_up, down,
-                                shared, norm=(residual, weight, eps))  # fmt: skip
+                                shared, (residual, weight, eps), prefetch)  # fmt: skip
 
     def _decode_moe(
         self, x: cp.ndarray, router: cp.ndarray, correction_bias: cp.ndarray, top_k: int,
         norm_min: float, gate_up: CupyLinear | cp.ndarray, down: CupyLinear | cp.ndarray,
-        shared: tuple | None, norm: tuple | None = None,
+        shared: tuple | None, norm: tuple | None = None, prefetch: Sequence = (),
     ) -> Any:  # fmt: skip
-        """`moe` on the decode experts path (or `moe_add_rms_norm` with `norm`)."""
+        """`moe` on the decode experts path (or `moe_add_rms_norm` with `norm`). While decode
+        graphs are captured, the touched experts' down matrices are prefetched while gate_up
+        streams (when few enough), and `prefetch` once gate_up is done."""
         x = row_major(x)
         pending = None
         if shared is not None:
@@ -280,7 +286,21 @@ class CupyOps(Ops):
             inter = _data(gate_up).shape[1] // 2
             pending = cupy_moe.shared_on_side(self.k, x, inter, tuple(_data(w) for w in shared))
         weights, ids = self.moe_route(x, router, correction_bias, top_k, norm_min)
-        return self.moe_experts(x, weights, ids, gate_up, down, pending, norm=norm)
+        if not self._prefetching():
+            return self.moe_experts(x, weights, ids, gate_up, down, pending, norm=norm)
+        args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
+                row_major(_data(gate_up)), row_major(_data(down)))  # fmt: skip
+        return cupy_moe.decode_experts(self.k, *args, pending, norm=norm,
+                                       prefetch=[_data(w) for w in prefetch])  # fmt: skip
+
+    def _prefetching(self) -> bool:
+        """Whether `prefetch` hints start prefetches: only while decode graphs are captured
+        (the steps where weight streaming is latency-bound, and replays pay no launch cost)."""
+        return self.k.overlap and bool(cupy_prefetch.ENABLED)
+
+    def prefetch(self, *weights: CupyLinear | cp.ndarray) -> None:
+        if self._prefetching() and weights:
+            cupy_prefetch.start(self.k, cupy_prefetch.l2, self.k, [_data(w) for w in weights])
 
     def _decode_experts(self, x: cp.ndarray, gate_up: cp.ndarray, shared: tuple | None) -> bool:
         """Whether a batch of x's tokens takes the decode experts path (cupy_moe.decode_experts)
@@ -338,7 +358,12 @@ class CupyOps(Ops):
         self, forward: object, kv_cache: cp.ndarray, block_size: int, max_blocks_per_seq: int,
         sizes: object,
     ) -> DecodeGraphs:  # fmt: skip
-        graphs = DecodeGraphs(forward, kv_cache, block_size, max_blocks_per_seq, sizes)
+        def joined(batch: ForwardBatch, kv: cp.ndarray) -> cp.ndarray:
+            out = forward(batch, kv)
+            self.k.join()  # a capture must end with its side streams joined
+            return out
+
+        graphs = DecodeGraphs(joined, kv_cache, block_size, max_blocks_per_seq, sizes)
         self.k.overlap = True  # each kernel's launch hides behind the one before it
         try:
             graphs.capture()

@@ -6,6 +6,7 @@ a forward pass reads everything it needs from its `ForwardBatch` and the KV pool
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from pdserve.backends.base import Array, Ops
@@ -39,11 +40,16 @@ class ErnieMoeAttention:
         self.qkv = ops.linear_weight(w.qkv, quant)
         self.o = ops.linear_weight(w.o, quant)
 
-    def __call__(self, x: Array, kv_layer: Array, batch: ForwardBatch) -> Array:
+    def __call__(
+        self, x: Array, kv_layer: Array, batch: ForwardBatch, prefetch: Sequence[Array] = ()
+    ) -> Array:
+        """`prefetch`: weights read after this (`Ops.prefetch`), hinted with o_proj's while
+        the attention runs."""
         ops, t = self.ops, x.shape[0]
         q = ops.qkv_rope_write_kv(x, self.qkv, self.heads, self.kv_heads, batch.positions,
                                   self.theta, kv_layer, batch.slot_mapping)  # fmt: skip
         # q: [T, heads, D]; K, V in the pool
+        ops.prefetch(self.o, *prefetch)  # read once the attention is done
         out = ops.paged_attention(q, kv_layer, batch, self.scale)  # [T, heads, D]
         return self.tp.all_reduce(ops.linear(out.reshape(t, self.q_size), self.o))  # [T, H]
 
@@ -59,15 +65,21 @@ class ErnieMoeMLP:
         self.gate_up = ops.linear_weight(w.gate_up, quant)
         self.down = ops.linear_weight(w.down, quant)
 
+    @property
+    def first_weights(self) -> tuple[Array, ...]:
+        """What the MLP reads first (prefetch hints)."""
+        return (self.gate_up,)
+
     def __call__(self, x: Array) -> Array:
         out = self.ops.mlp(x, self.gate_up, self.down)
         return out if self.tp is None else self.tp.all_reduce(out)
 
     def add_rms_norm(
-        self, x: Array, residual: Array, weight: Array, eps: float
+        self, x: Array, residual: Array, weight: Array, eps: float, prefetch: Sequence[Array] = ()
     ) -> tuple[Array, Array]:
         """The MLP's output of x added to the residual stream and normalized by `weight`:
-        (normalized, residual')."""
+        (normalized, residual'). `prefetch`: weights read next (`Ops.prefetch`)."""
+        self.ops.prefetch(*prefetch)
         return self.ops.add_rms_norm(self(x), residual, weight, eps)
 
 
@@ -90,22 +102,29 @@ class ErnieMoeSparseBlock:
     def _shared(self) -> tuple[Array, Array] | None:
         return None if self.shared is None else (self.shared.gate_up, self.shared.down)
 
+    @property
+    def first_weights(self) -> tuple[Array, ...]:
+        """What the block reads before routing is done: the shared experts' gate_up."""
+        return () if self.shared is None else (self.shared.gate_up,)
+
     def __call__(self, x: Array) -> Array:
         out = self.ops.moe(x, self.router, self.correction_bias, self.top_k, self.norm_min,
                            self.gate_up, self.down, self._shared())  # fmt: skip
         return self.tp.all_reduce(out)  # [T, H]
 
     def add_rms_norm(
-        self, x: Array, residual: Array, weight: Array, eps: float
+        self, x: Array, residual: Array, weight: Array, eps: float, prefetch: Sequence[Array] = ()
     ) -> tuple[Array, Array]:
         """The layer's output of x added to the residual stream and normalized by `weight`:
         (normalized, residual'). On one rank the backend may fuse the experts' weighted sum
-        into the norm; across ranks the sum is all-reduced first."""
+        into the norm; across ranks the sum is all-reduced first. `prefetch`: weights read
+        next (`Ops.prefetch`), which the backend may bring in while the experts run."""
         if self.tp.size > 1:
+            self.ops.prefetch(*prefetch)
             return self.ops.add_rms_norm(self(x), residual, weight, eps)
         return self.ops.moe_add_rms_norm(x, self.router, self.correction_bias, self.top_k,
                                          self.norm_min, self.gate_up, self.down, self._shared(),
-                                         residual, weight, eps)  # fmt: skip
+                                         residual, weight, eps, prefetch)  # fmt: skip
 
 
 class ErnieMoeDecoderLayer:
@@ -123,15 +142,17 @@ class ErnieMoeDecoderLayer:
             self.mlp = ErnieMoeMLP(ops, w.mlp, quant, tp)
 
     def __call__(
-        self, h: Array, residual: Array, kv_layer: Array, batch: ForwardBatch, next_norm: Array
-    ) -> tuple[Array, Array]:
+        self, h: Array, residual: Array, kv_layer: Array, batch: ForwardBatch, next_norm: Array,
+        prefetch: Sequence[Array] = (),
+    ) -> tuple[Array, Array]:  # fmt: skip
         """h: this layer's input, already normalized by `input_norm`; residual: the stream it
         was normalized from. Returns (the stream after this layer, normalized by `next_norm`,
         which is the next layer's `input_norm` or the final norm; the stream itself). Each norm
-        runs where the sum before it is made, so a backend can fuse the two."""
-        h = self.self_attn(h, kv_layer, batch)
+        runs where the sum before it is made, so a backend can fuse the two. `prefetch`: the
+        weights the next layer reads first (`Ops.prefetch`)."""
+        h = self.self_attn(h, kv_layer, batch, self.mlp.first_weights)
         h, residual = self.ops.add_rms_norm(h, residual, self.post_attention_norm, self.eps)
-        return self.mlp.add_rms_norm(h, residual, next_norm, self.eps)
+        return self.mlp.add_rms_norm(h, residual, next_norm, self.eps, prefetch)
 
 
 class ErnieMoeForCausalLM:
@@ -175,8 +196,9 @@ class ErnieMoeForCausalLM:
         residual = self.ops.embedding(self.embed, batch.input_ids)  # [T, H]
         x = self.ops.rms_norm(residual, self.layers[0].input_norm, self.config.rms_norm_eps)
         next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
-        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
-            x, residual = layer(x, residual, kv_cache[i], batch, next_norm)
+        next_qkv = [(layer.self_attn.qkv,) for layer in self.layers[1:]] + [()]
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, kv_cache[i], batch, next_norms[i], next_qkv[i])
             if batch.after_layer is not None:
                 batch.after_layer(i)
         x = x[batch.logits_indices]  # [L, H]

@@ -18,6 +18,9 @@ KERNELS = [
 # Kernels that load weights before pdl_start() (weights are never written, so they may stream in
 # while the kernel before finishes); weight_stream.cuh's stream_k calls it after the first group.
 WEIGHTS_FIRST = {"gemv_nt", "gemv_rope_kv_nt"}
+# Kernels that only issue L2 prefetches of weights (hints: no register or memory is written)
+# before pdl_wait(), which they still call to keep the launch chain's order.
+PREFETCH_FIRST = {"l2_prefetch"}
 
 
 def test_the_sources_hold_kernels():
@@ -33,7 +36,15 @@ def test_every_kernel_first_waits_for_the_kernel_before_it(name, offset):
     first = body.lstrip(" \\\n").split(";", 1)[0]
     signature = text[offset : text.index("(", text.index("(", offset) + 1)]
     kernel = signature.split()[-1].split("##")[0]
+    plain = re.match(r'extern "C" __global__ void (?!__launch)(\w+)\(', text[offset:])
+    if plain:
+        kernel = plain.group(1)
     if kernel in WEIGHTS_FIRST:
         assert "U, true>(" in text  # stream_k is told to wait
+        return
+    if kernel in PREFETCH_FIRST:
+        own = body[: body.index("\n}")]
+        before = own[: own.index("pdl_wait();")]
+        assert "prefetch_l2(" in before and "=" not in before.replace("==", "")
         return
     assert first == "pdl_start()", f"{name}: {signature} starts with {first!r}"
