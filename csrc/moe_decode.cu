@@ -12,10 +12,7 @@
 // (from L2, just read by the same block), which only the shared slots at large batches and a
 // very skewed routing need.
 #include "norm.cuh"
-#include "prefetch.cuh"
 #include "weight_stream.cuh"
-
-#define DOWN_PREFETCH_PARTS 8  // blocks of a routed slot that prefetch its expert's down matrix
 
 // Where a slot's weights and tokens are: `w` is its expert's gate_up [2I, H] or down [H, I] (or
 // the shared experts'), its units are [row0, row0 + rows): rows of the gate (and of the up half,
@@ -63,9 +60,7 @@ __device__ __forceinline__ int token_of(const ExpertSlot& s, const int* sorted, 
 // pos of the slot, j < I; shared slot j: act_shared[t, u] for its units u. x: [T, H] bf16;
 // gate_up: [E, 2I, H]; shared_gate_up: [2 Is, H]; act: [P, I]; act_shared: [T, Is] (bf16).
 // Grid (max_slots + n_shared, ceil(I / 16)); the block's warps split H into ranges of `spw`
-// k-steps. Dynamic shared memory: warps * 2 * 16 * 8 * NT floats. With `down` (the experts'
-// down matrices [E, H, I], or null), each routed slot's first blocks also start an L2 prefetch
-// of its expert's down matrix, which the down launch after this reads.
+// k-steps. Dynamic shared memory: warps * 2 * 16 * 8 * NT floats.
 template <int NT, int U>
 __device__ __forceinline__ void moe_gate_up(
     const bf16_t* __restrict__ x, const int* __restrict__ sorted,
@@ -73,15 +68,12 @@ __device__ __forceinline__ void moe_gate_up(
     const int* __restrict__ slot_count, const bf16_t* __restrict__ gate_up,
     const bf16_t* __restrict__ shared_gate_up, bf16_t* __restrict__ act,
     bf16_t* __restrict__ act_shared, int T, int H, int I, int Is, int topk, int max_slots,
-    int spw, const bf16_t* __restrict__ down) {
+    int spw) {
   extern __shared__ float part[];  // [warps][gate, up][16][8 * NT]
   ExpertSlot s;
   if (!slot_of(s, blockIdx.x, slot_expert, slot_start, slot_count, gate_up, 2LL * I * H,
                shared_gate_up, T, I, Is, max_slots))
     return;  // the whole block: no barrier is skipped by part of it
-  if (down != nullptr && !s.shared && blockIdx.y < DOWN_PREFETCH_PARTS)
-    prefetch_l2(down + (long long)slot_expert[blockIdx.x] * H * I, 2LL * H * I, blockIdx.y,
-                min(DOWN_PREFETCH_PARTS, (int)gridDim.y));
   const int j0 = blockIdx.y * 16;
   if (j0 >= s.rows) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -297,9 +289,9 @@ extern "C" __global__ void moe_combine_add_rms_norm(
       const int* __restrict__ slot_count, const bf16_t* __restrict__ gate_up,                      \
       const bf16_t* __restrict__ shared_gate_up, bf16_t* __restrict__ act,                         \
       bf16_t* __restrict__ act_shared, int T, int H, int I, int Is, int topk, int max_slots,       \
-      int spw, const bf16_t* __restrict__ down) { pdl_start();                                     \
+      int spw) { pdl_start();                                                                      \
     moe_gate_up<NT, UG>(x, sorted, slot_expert, slot_start, slot_count, gate_up, shared_gate_up,   \
-                        act, act_shared, T, H, I, Is, topk, max_slots, spw, down);                 \
+                        act, act_shared, T, H, I, Is, topk, max_slots, spw);                       \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(128, 4) moe_down_nt##NT(                            \
       const bf16_t* __restrict__ act, const bf16_t* __restrict__ act_shared,                       \

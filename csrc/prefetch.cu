@@ -28,11 +28,12 @@ extern "C" __global__ void l2_prefetch(const char* p0, long long n0, const char*
 
 // The matrices of the experts a MoE layer's grouping touched (moe_group's slot_expert: -1 past
 // the last): expert e's `bytes` bytes at base + e * stride. A block per slot. Reads slot_expert,
-// so it waits for the kernels before it first.
+// so it waits for the kernels before it first (after letting the next one launch).
 extern "C" __global__ void l2_prefetch_experts(const int* __restrict__ slot_expert,
                                                const char* base, long long stride,
                                                long long bytes) {
-  pdl_start();
+  pdl_launch_dependents();
+  pdl_wait();
   const int e = slot_expert[blockIdx.x];
   if (e >= 0) prefetch_l2(base + e * stride, bytes);
 }

@@ -106,13 +106,11 @@ def _one_wave_warps(k: Kernels, blocks: int, choices: tuple[int, ...]) -> int:
 def gate_up_act(
     k: Kernels, x: cp.ndarray, group: tuple, inter: int, gate_up: cp.ndarray | None,
     shared_gate_up: cp.ndarray | None, top_k: int, warps: int | None = None,
-    token_tiles: int | None = None, prefetch_down: cp.ndarray | None = None,
+    token_tiles: int | None = None,
 ) -> tuple[cp.ndarray, cp.ndarray]:  # fmt: skip
     """silu(gate(x)) * up(x) for every pair of the routed experts (gate_up [E, 2 inter, H];
     None when the group has no slots), rows in the group's order, [P, inter]; and for the
-    shared experts (gate_up [2Is, H]) if given, [T, Is] (else [T, 0]). With `prefetch_down`
-    (the experts' down [E, H, inter]), the launch also prefetches each touched expert's down
-    matrix into L2."""
+    shared experts (gate_up [2Is, H]) if given, [T, Is] (else [T, 0])."""
     t, h = x.shape
     inter_s = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
     slots = group[1].size + _cdiv(inter_s, inter)
@@ -123,8 +121,7 @@ def gate_up_act(
     either = shared_gate_up if gate_up is None else gate_up  # what the other pointer takes
     k.launch("moe_decode.cu", f"moe_gate_up_nt{nt}", (slots, _cdiv(inter, 16)), 32 * warps,
              (x, *group, either, either if shared_gate_up is None else shared_gate_up, act,
-              act_s, t, h, inter, inter_s, top_k, group[1].size, _cdiv(_cdiv(h, 32), warps),
-              np.uint64(0) if prefetch_down is None else prefetch_down),
+              act_s, t, h, inter, inter_s, top_k, group[1].size, _cdiv(_cdiv(h, 32), warps)),
              shared=4 * warps * 2 * 16 * 8 * nt)  # fmt: skip
     return act, act_s
 
@@ -241,12 +238,10 @@ def decode_experts(
     if isinstance(shared, tuple):
         shared = shared_on_side(k, x, inter, shared)
     group, pos = group_pairs(k, ids, gate_up.shape[0])
-    down_l2 = prefetch is not None and cupy_prefetch.experts_fit(group[1].size, down)
-    if down_l2 and not cupy_prefetch.INLINE:
-        k.detach(cupy_prefetch.expert_matrices, k, group[1], down)
-    in_gate_up = down if down_l2 and cupy_prefetch.INLINE else None
+    if prefetch is not None and cupy_prefetch.experts_fit(group[1].size, down):
+        cupy_prefetch.start(k, cupy_prefetch.expert_matrices, k, group[1], down)
     act, act_s = gate_up_act(k, x, group, inter, gate_up, None, ids.shape[1], gate_up_warps,
-                             token_tiles, in_gate_up)  # fmt: skip
+                             token_tiles)  # fmt: skip
     if prefetch:
         cupy_prefetch.start(k, cupy_prefetch.l2, k, prefetch)
     y, _ = down_proj(k, act, act_s, group, x.shape[1], down, None, down_warps, token_tiles)

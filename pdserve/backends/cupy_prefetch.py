@@ -30,8 +30,7 @@ EXPERTS_MAX_BYTES = 48 << 20
 # L2 holds beside the lines in use: 50 MB on an H100, 60 MB on an H200).
 MAX_BYTES = 48 << 20
 # Where prefetches run: 0, a detached side stream (a parallel branch of the graph); 1, the
-# current stream, in its launch chain (l2_prefetch lets the next kernel launch at once), and the
-# routed experts' down matrices from the gate_up launch itself.
+# current stream, in its launch chain (the prefetch kernels let the next kernel launch at once).
 INLINE = 0
 DRY_RUN = 0  # launch the prefetch kernels with nothing to fetch (what the launches alone cost)
 THREADS = 64  # a block's threads: each issues bulk prefetches of 32 KiB (csrc/prefetch.cu)

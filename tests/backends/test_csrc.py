@@ -18,9 +18,9 @@ KERNELS = [
 # Kernels that load weights before pdl_start() (weights are never written, so they may stream in
 # while the kernel before finishes); weight_stream.cuh's stream_k calls it after the first group.
 WEIGHTS_FIRST = {"gemv_nt", "gemv_rope_kv_nt"}
-# Kernels that only issue L2 prefetches of weights (hints: no register or memory is written)
-# before pdl_wait(), which they still call to keep the launch chain's order.
-PREFETCH_FIRST = {"l2_prefetch"}
+# Kernels that let the next kernel launch and issue L2 prefetches of weights (hints: nothing is
+# read into a register, no memory written) before pdl_wait(), which keeps the chain's order.
+PREFETCH_FIRST = {"l2_prefetch", "l2_prefetch_experts"}
 
 
 def test_the_sources_hold_kernels():
@@ -44,7 +44,7 @@ def test_every_kernel_first_waits_for_the_kernel_before_it(name, offset):
         return
     if kernel in PREFETCH_FIRST:
         own = body[: body.index("\n}")]
-        before = own[: own.index("pdl_wait();")]
-        assert "prefetch_l2(" in before and "=" not in before.replace("==", "")
+        before = [st.strip() for st in own[: own.index("pdl_wait();")].split(";")]
+        assert all(st.startswith(("pdl_launch_dependents()", "prefetch_l2(")) for st in before[:-1])
         return
     assert first == "pdl_start()", f"{name}: {signature} starts with {first!r}"

@@ -43,9 +43,9 @@ def test_prefetch_kernels_change_no_memory(ops, rng):
 @pytest.mark.parametrize("inline", [0, 1])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graphs_compute_the_same_with_and_without_prefetching(batch, inline, monkeypatch):
-    """Decode graphs captured with prefetches (on a side stream, or inline in the launch chain
-    and the experts' gate_up launch) and evict-first weight loads, and with neither, give
-    bit-identical logits for the same batch."""
+    """Decode graphs captured with prefetches (on a side stream, or inline in the launch chain)
+    and evict-first weight loads, and with neither, give bit-identical logits for the same
+    batch."""
     monkeypatch.setattr(cupy_prefetch, "INLINE", inline)
     ops = CupyOps()
     model = load_model(ensure_tiny_model(), ops, progress=False)
