@@ -6,10 +6,14 @@ warp waits on DRAM between its load groups), and the latency-bound launches betw
 soon; inside decode-graph capture CupyOps starts an L2 prefetch of them on a detached side
 stream (`Kernels.detach`), so DRAM works while the latency-bound launches run and the streaming
 launch then reads from L2. The streaming kernels' loads ask L2 to evict their own lines first
-(`cupy_kernels.EVICT_FIRST`), which keeps the prefetched lines alive across a layer's experts.
+(`cupy_kernels.EVICT_FIRST`), which should keep the prefetched lines alive across a layer's
+experts.
 
-The switches are module constants so benchmarks can A/B them in one process
-(profile_decode_graph.py --set cupy_prefetch.ENABLED=0).
+Status: off by default. A first version (a thread per 128-byte line over a block per SM, on the
+side stream) made batch-1 decode 13% slower on an H100 (benchmarks/RESULTS.md, session 7); this
+one (one small block of bulk prefetches per hint, detached or inline) has not run on a GPU yet:
+tests/gpu/test_cupy_prefetch.py and the A/B in RESULTS.md come first. The switches are module constants so benchmarks can A/B them in one
+process (benchmarks/ab_decode_graph.py, profile_decode_graph.py --set).
 """
 
 from __future__ import annotations
