@@ -12,8 +12,9 @@ experts.
 Status: off by default. A first version (a thread per 128-byte line over a block per SM, on the
 side stream) made batch-1 decode 13% slower on an H100 (benchmarks/RESULTS.md, session 7); this
 one (one small block of bulk prefetches per hint, detached or inline) has not run on a GPU yet:
-tests/gpu/test_cupy_prefetch.py and the A/B in RESULTS.md come first. The switches are module constants so benchmarks can A/B them in one
-process (benchmarks/ab_decode_graph.py, profile_decode_graph.py --set).
+tests/gpu/test_cupy_prefetch.py and the A/B in RESULTS.md come first. The switches are module
+constants so benchmarks can A/B them in one process (benchmarks/ab_decode_graph.py,
+profile_decode_graph.py --set).
 """
 
 from __future__ import annotations
