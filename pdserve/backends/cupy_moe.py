@@ -228,9 +228,9 @@ def decode_experts(
     one slot per expert a pair may touch (min(E, T * K); slots no expert fills exit at once),
     times I / 16 rows for gate_up and H / 16 for down. The keyword arguments tune the routed
     launches (benchmarks: token_tiles is 1, 2 or 4 tiles of 8 tokens a chunk). `norm`: see
-    `combine`. With `prefetch` (a list, maybe empty), L2 prefetches start on a detached stream
-    (cupy_prefetch): the touched experts' down matrices beside gate_up when few enough, and the
-    arrays of `prefetch` once gate_up is done."""
+    `combine`. With `prefetch` (a list, maybe empty), L2 prefetches start (cupy_prefetch.start:
+    detached or inline): the touched experts' down matrices beside gate_up when few enough, and
+    the arrays of `prefetch` once gate_up is done."""
     for w in (gate_up_warps, down_warps):
         if w is not None and not 1 <= w <= 4:
             raise ValueError("the kernels' launch bounds allow 1-4 warps a block")
