@@ -19,9 +19,10 @@
 // 16 weight bytes, read once: bypass L1 so the activations that every warp re-reads stay there.
 // With PDSERVE_EVICT_FIRST, also ask L2 to evict the line first, so that streaming a layer's
 // experts does not push out the weights csrc/prefetch.cu brought in for the launches after it
-// (no effect on whole decode steps measured so far: benchmarks/RESULTS.md, session 7). (Asking L2 for 256-byte
-// fetches, .L2::256B, sped one MoE layer up 6% in bench_decode_kernels.py but left whole decode
-// steps as fast at batch 32 and 3% slower at 1 and 8, measured in one run on the H200: not used.)
+// (no effect on whole decode steps measured so far: benchmarks/RESULTS.md, session 7). (Asking
+// L2 for 256-byte fetches, .L2::256B, sped one MoE layer up 6% in bench_decode_kernels.py but
+// left whole decode steps as fast at batch 32 and 3% slower at 1 and 8, measured in one run on
+// the H200: not used.)
 #ifndef PDSERVE_EVICT_FIRST  // NVRTC builds get it from cupy_kernels.EVICT_FIRST
 #define PDSERVE_EVICT_FIRST 0
 #endif

@@ -286,12 +286,7 @@ class CupyOps(Ops):
             inter = _data(gate_up).shape[1] // 2
             pending = cupy_moe.shared_on_side(self.k, x, inter, tuple(_data(w) for w in shared))
         weights, ids = self.moe_route(x, router, correction_bias, top_k, norm_min)
-        if not self._prefetching():
-            return self.moe_experts(x, weights, ids, gate_up, down, pending, norm=norm)
-        args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
-                row_major(_data(gate_up)), row_major(_data(down)))  # fmt: skip
-        return cupy_moe.decode_experts(self.k, *args, pending, norm=norm,
-                                       prefetch=[_data(w) for w in prefetch])  # fmt: skip
+        return self.moe_experts(x, weights, ids, gate_up, down, pending, norm, prefetch)
 
     def _prefetching(self) -> bool:
         """Whether `prefetch` hints start prefetches: only while decode graphs are captured
@@ -326,17 +321,21 @@ class CupyOps(Ops):
         down: CupyLinear | cp.ndarray,
         shared: tuple[CupyLinear | cp.ndarray, CupyLinear | cp.ndarray] | Pending | None = None,
         norm: tuple[cp.ndarray, cp.ndarray, float] | None = None,
+        prefetch: Sequence[CupyLinear | cp.ndarray] = (),
     ) -> Any:
         """`shared` may also be CupyOps.moe's shared experts' output, on its way (`Pending`).
         With `norm` = (residual, weight, eps), returns `add_rms_norm` of the output instead,
-        fused into the experts' last launch on the decode path."""
+        fused into the experts' last launch on the decode path. `prefetch`: weights read after
+        the experts (`prefetch` hints), prefetched on the decode path while decode graphs are
+        captured."""
         gate_up, down = _data(gate_up), _data(down)
         args = (row_major(x), row_major(weights, np.float32), row_major(ids, np.int32),
                 row_major(gate_up), row_major(down))  # fmt: skip
         if isinstance(shared, Pending) or self._decode_experts(x, gate_up, shared):
             if isinstance(shared, tuple):
                 shared = tuple(_data(w) for w in shared)
-            return cupy_moe.decode_experts(self.k, *args, shared, norm=norm)
+            hints = [_data(w) for w in prefetch] if self._prefetching() else None
+            return cupy_moe.decode_experts(self.k, *args, shared, norm=norm, prefetch=hints)
         out = self._moe_experts(args, shared)
         return out if norm is None else self.add_rms_norm(out, *norm)
 

@@ -52,8 +52,8 @@ def l2(k: Kernels, arrays: Sequence[cp.ndarray]) -> None:
             break
         ranges.append((a.data.ptr, 0 if DRY_RUN else a.nbytes))
     for i in range(0, len(ranges), MAX_RANGES):
-        chunk = ranges[i : i + MAX_RANGES] + [(0, 0)] * (MAX_RANGES - len(ranges[i:]))
-        args = [v for ptr, n in chunk[:MAX_RANGES] for v in (np.uint64(ptr), np.int64(n))]
+        chunk = (ranges[i : i + MAX_RANGES] + [(0, 0)] * MAX_RANGES)[:MAX_RANGES]
+        args = [v for ptr, n in chunk for v in (np.uint64(ptr), np.int64(n))]
         k.launch("prefetch.cu", "l2_prefetch", (1,), THREADS, tuple(args))
 
 
@@ -79,4 +79,4 @@ def expert_matrices(k: Kernels, slot_expert: cp.ndarray, stacked: cp.ndarray) ->
 
 def experts_fit(slots: int, stacked: cp.ndarray) -> bool:
     """Whether `slots` experts' matrices of `stacked` are few enough to prefetch."""
-    return ENABLED and slots * stacked[0].nbytes <= EXPERTS_MAX_BYTES
+    return slots * stacked[0].nbytes <= EXPERTS_MAX_BYTES

@@ -35,10 +35,9 @@ def test_every_kernel_first_waits_for_the_kernel_before_it(name, offset):
     body = text[text.index("{", offset) + 1 :]
     first = body.lstrip(" \\\n").split(";", 1)[0]
     signature = text[offset : text.index("(", text.index("(", offset) + 1)]
-    kernel = signature.split()[-1].split("##")[0]
-    plain = re.match(r'extern "C" __global__ void (?!__launch)(\w+)\(', text[offset:])
-    if plain:
-        kernel = plain.group(1)
+    # `void name(`, or `void __launch_bounds__(...) \ name##NT(` in the macros
+    kernel = re.match(r'extern "C" __global__ void[\s\\]+(?:__\w+__\([^)]*\)[\s\\]+)?'
+                      r"(\w+?)(?:##\w+)?\(", text[offset:]).group(1)  # fmt: skip
     if kernel in WEIGHTS_FIRST:
         assert "U, true>(" in text  # stream_k is told to wait
         return
